@@ -1,0 +1,129 @@
+"""Atomic output folders and sidecar files.
+
+Everything is written into a hidden temporary folder beside the destination and renamed into
+place in one step once complete, so a destination either holds a finished artifact or does not
+exist. A failure or an interrupt removes the temporary folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from elastic_cli.checkpoint.writer import output_error
+from elastic_cli.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+TEMP_MARKER = ".partial-"
+
+# Files that slicing regenerates or that belong to the parent only.
+REGENERATED = {"config.json", "model.safetensors.index.json", "README.md", "elastic_config.json"}
+
+
+def check_destination(output: Path, overwrite: bool) -> None:
+    """Fail early when the destination exists (without ``overwrite``) or cannot be created."""
+    if output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists", "pass --overwrite to replace it, or choose another --output")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output {output} exists and is not a folder", "choose another --output")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(parent, error) from error
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {parent}: permission denied", "choose a writable --output folder")
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``output`` when the block completes.
+
+    On any exception (``KeyboardInterrupt`` included) the temporary folder is removed and the
+    destination is left as it was.
+    """
+    check_destination(output, overwrite)
+    temp = output.parent / f".{output.name}{TEMP_MARKER}{secrets.token_hex(4)}"
+    try:
+        temp.mkdir()
+    except OSError as error:
+        raise output_error(temp, error) from error
+    try:
+        yield temp
+        _replace(temp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _replace(temp: Path, output: Path, overwrite: bool) -> None:
+    _fsync_dir(temp)
+    if output.exists():
+        if not overwrite:
+            raise OutputError(f"output {output} appeared while writing", "pass --overwrite or choose another --output")
+        trash = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
+        os.rename(output, trash)
+        os.rename(temp, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(temp, output)
+    _fsync_dir(output.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def list_sidecars(root: Path, trust_root: Path, skip: set[str]) -> list[Path]:
+    """List the files to carry over from a checkpoint folder: tokenizer files, chat template,
+    generation config, remote code and licences; everything at the top level except weights,
+    files in ``skip`` and hidden files.
+
+    Raises:
+        OutputError: If a sidecar is a link that resolves outside ``trust_root``.
+    """
+    files = []
+    for path in sorted(root.iterdir(), key=lambda p: p.name):
+        if path.name.startswith(".") or path.name in skip or path.suffix == ".safetensors":
+            continue
+        if path.is_dir():
+            log.debug("not carrying over folder %s", path.name)
+            continue
+        resolved = path.resolve()
+        try:
+            resolved.relative_to(trust_root)
+        except ValueError:
+            raise OutputError(
+                f"sidecar {path.name} resolves to {resolved}, outside the checkpoint folder",
+                "replace the link with the file itself",
+            ) from None
+        files.append(path)
+    return files
+
+
+def copy_sidecars(files: list[Path], folder: Path) -> list[str]:
+    """Copy sidecar files byte for byte into ``folder``; return their names."""
+    names = []
+    for path in files:
+        target = folder / path.name
+        try:
+            shutil.copyfile(path, target)
+        except OSError as error:
+            raise output_error(target, error) from error
+        names.append(path.name)
+    return names

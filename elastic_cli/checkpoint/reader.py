@@ -1,0 +1,197 @@
+"""Lazy checkpoint reader: config and headers first, tensor bytes on demand.
+
+Opening a checkpoint reads ``config.json``, the shard index (or the single ``model.safetensors``)
+and every shard header; it reads no tensor data. :meth:`Checkpoint.read` then loads one tensor at
+a time, so memory stays bounded by the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from elastic_cli.arch.nemotron_h import natural_key
+from elastic_cli.checkpoint.safetensors_io import DTYPES, TensorInfo, read_header
+from elastic_cli.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON file, raising :class:`CheckpointError` with the path on any failure."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{what} not found: {path}", "check the checkpoint folder") from error
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}", "check permissions") from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})",
+            "fix or restore the file",
+        ) from error
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder opened lazily.
+
+    Attributes:
+        root: The checkpoint folder.
+        config: The parsed ``config.json``.
+        tensors: Every tensor name mapped to its location, in natural name order.
+        shard_names: The shard file names, as the index lists them.
+        trust_root: The folder every file must resolve inside (a Hugging Face cache's repo
+            folder for hub checkpoints, whose snapshot files are links into ``blobs/``).
+    """
+
+    root: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    shard_names: tuple[str, ...]
+    trust_root: Path
+    _handles: dict[Path, BinaryIO] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: Path, trust_root: Path | None = None) -> "Checkpoint":
+        """Open a checkpoint folder, reading the config, the index and every shard header.
+
+        Args:
+            root: Folder with ``config.json`` and ``model.safetensors`` or a sharded index.
+            trust_root: Folder every file must resolve inside; defaults to ``root``.
+
+        Raises:
+            CheckpointError: If a file is missing, damaged, or the index and the shards disagree.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise CheckpointError(f"checkpoint folder not found: {root}", "pass a folder or a Hugging Face repo id")
+        trust = (trust_root or root).resolve()
+        config = read_json(root / "config.json", "config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{root / 'config.json'} is not a JSON object", "fix or restore the file")
+
+        index_path = root / INDEX_NAME
+        if index_path.exists():
+            weight_map = _read_index(index_path)
+        elif (root / SINGLE_NAME).exists():
+            weight_map = None
+        else:
+            raise CheckpointError(
+                f"{root} has neither {SINGLE_NAME} nor {INDEX_NAME}",
+                "elastic reads safetensors checkpoints; convert .bin weights first",
+            )
+
+        shard_names = tuple(sorted(set(weight_map.values()))) if weight_map is not None else (SINGLE_NAME,)
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shard_names:
+            path = root / shard
+            if not path.exists():
+                raise CheckpointError(f"shard {shard} listed in {INDEX_NAME} is missing from {root}", "download it again")
+            if not _inside(trust, path):
+                raise CheckpointError(
+                    f"shard {shard} resolves to {path.resolve()}, outside the checkpoint folder {trust}",
+                    "replace the link with the file itself",
+                )
+            header = read_header(path)
+            for name, info in header.tensors.items():
+                if name in tensors:
+                    raise CheckpointError(
+                        f"tensor '{name}' appears in both {tensors[name].path.name} and {shard}",
+                        "the checkpoint is damaged; remove the duplicate shard",
+                    )
+                if weight_map is not None and weight_map.get(name) != shard:
+                    listed = weight_map.get(name)
+                    where = f"lists it in {listed}" if listed else "does not list it"
+                    raise CheckpointError(
+                        f"shard {shard} holds tensor '{name}' but {INDEX_NAME} {where}",
+                        "the index and the shards disagree; download the checkpoint again",
+                    )
+                tensors[name] = info
+
+        if weight_map is not None:
+            missing = sorted(name for name in weight_map if name not in tensors)
+            if missing:
+                raise CheckpointError(
+                    f"{INDEX_NAME} names {len(missing)} tensor(s) absent from their shards, e.g. '{missing[0]}' "
+                    f"in {weight_map[missing[0]]}",
+                    "the index and the shards disagree; download the checkpoint again",
+                )
+        ordered = {name: tensors[name] for name in sorted(tensors, key=natural_key)}
+        return cls(root=root, config=config, tensors=ordered, shard_names=shard_names, trust_root=trust)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk into a new CPU tensor with its stored dtype and shape."""
+        info = self.tensors[name]
+        raw = self.read_bytes(name)
+        torch_dtype = DTYPES[info.dtype][0]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=torch_dtype)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype).reshape(info.shape)
+
+    def read_bytes(self, name: str) -> bytearray:
+        """Read one tensor's raw little-endian bytes."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.path)
+        if handle is None:
+            handle = info.path.open("rb")
+            self._handles[info.path] = handle
+        handle.seek(info.begin)
+        buffer = bytearray(info.nbytes)
+        got = handle.readinto(buffer)
+        if got != info.nbytes:
+            raise CheckpointError(
+                f"{info.path} ended after {got} of {info.nbytes} bytes of tensor '{name}'",
+                "the file changed or is truncated; download or copy it again",
+            )
+        return buffer
+
+    def close(self) -> None:
+        """Close every shard file this reader opened."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    index = read_json(path, INDEX_NAME)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items()
+    ):
+        raise CheckpointError(f"{path} has no valid 'weight_map'", "fix or restore the index file")
+    for shard in set(weight_map.values()):
+        if "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointError(
+                f"{path} names shard {shard!r}, which is not a plain file name",
+                "shards must lie in the checkpoint folder itself",
+            )
+    return weight_map

@@ -1,0 +1,82 @@
+"""The ``elastic`` command line: thin commands over the library, errors as one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from elastic_cli import __version__
+from elastic_cli.cli.inspect_cmd import inspect
+from elastic_cli.cli.output import configure_logging, stderr
+from elastic_cli.cli.slice_cmd import slice_
+from elastic_cli.errors import ElasticError
+
+app = typer.Typer(
+    name="elastic",
+    help="Inspect, slice, quantize and verify NVIDIA elastic (nested) NemotronH checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("inspect")(inspect)
+app.command("slice")(slice_)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"elastic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log per-tensor detail to stderr.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    configure_logging(verbose, quiet)
+
+
+class _Terminated(BaseException):
+    """Raised inside the process on SIGTERM so that cleanup code runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def main() -> None:
+    """Run the command line; expected failures print one ``Error:`` line and exit non-zero."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    configure_logging(0, False)
+    try:
+        app(standalone_mode=False)
+    except ElasticError as error:
+        if os.environ.get("ELASTIC_DEBUG") == "1":
+            raise
+        stderr.print(f"[red]Error:[/red] {error.message}", highlight=False)
+        if error.hint:
+            stderr.print(f"Hint: {error.hint}", highlight=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("Interrupted; nothing was left half-written.", highlight=False)
+        sys.exit(130)
+    except _Terminated:
+        stderr.print("Terminated; nothing was left half-written.", highlight=False)
+        sys.exit(143)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as error:  # click usage errors
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise

@@ -1,0 +1,45 @@
+"""One output sink for every command: human tables or one JSON document on stdout.
+
+Results go to stdout; logs, progress and warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from rich.console import Console
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    """Send log records to stderr: WARNING with ``-q``, INFO by default, DEBUG with ``-v``."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger("elastic_cli")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def emit(data: dict[str, Any], as_json: bool, render: Callable[[Console, dict[str, Any]], None]) -> None:
+    """Print a command's result: ``data`` as JSON, or rendered for a person."""
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        sys.stdout.flush()
+        return
+    render(stdout, data)
+
+
+def format_bytes(count: float) -> str:
+    """Write a byte count in binary units (``58.9 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"

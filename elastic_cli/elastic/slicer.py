@@ -1,0 +1,173 @@
+"""Execute slice plans: stream the parent's tensors once and write one checkpoint per budget.
+
+Each source tensor is read once, cut for every requested budget and written straight into each
+budget's shard, so memory stays bounded by the largest tensor plus its cuts, however large the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from elastic_cli import __version__
+from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
+from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
+from elastic_cli.elastic.modelcard import render_model_card
+from elastic_cli.elastic.plan import Keep, SlicePlan, TensorSlice, build_plan, check_sliceable
+from elastic_cli.elastic.source import ElasticSource, refuse_quantized
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """What was written for one budget."""
+
+    budget: str
+    path: Path
+    params: int
+    active_params: int
+    total_bytes: int
+    files: tuple[str, ...]
+
+
+def plan_budgets(source: ElasticSource, names: list[str]) -> list[SlicePlan]:
+    """Validate the hierarchy and plan every requested budget, from headers alone.
+
+    Raises:
+        MaskError: If a budget is unknown or the hierarchy has problems.
+        UnsupportedError: If the checkpoint is already quantized.
+        CheckpointError: If the tensors do not match the config.
+    """
+    refuse_quantized(source)
+    budgets = source.select(names)
+    check_sliceable(source.problems)
+    return [build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget) for budget in budgets]
+
+
+def output_folders(output: Path, plans: list[SlicePlan], nested: bool) -> dict[str, Path]:
+    """Map budget names to output folders: ``output`` itself, or ``output/<budget>``."""
+    if not nested:
+        return {plans[0].budget: output}
+    return {plan.budget: output / plan.budget for plan in plans}
+
+
+def slice_checkpoint(
+    source: ElasticSource,
+    plans: list[SlicePlan],
+    output: Path,
+    *,
+    nested: bool,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[SliceResult]:
+    """Write each planned budget as a standalone Hugging Face checkpoint.
+
+    Args:
+        source: The opened parent.
+        plans: Plans from :func:`plan_budgets`.
+        output: Destination folder; replaced atomically.
+        nested: Write each budget into ``output/<budget>`` (several budgets) rather than into
+            ``output`` itself (one budget).
+        overwrite: Replace an existing destination.
+        max_shard_bytes: Largest shard size in bytes.
+
+    Returns:
+        One result per budget, in plan order.
+    """
+    started = time.monotonic()
+    sidecars = list_sidecars(source.checkpoint.root, source.origin.trust_root, REGENERATED)
+    layouts = [plan_shards([(t.target, t.dtype, t.target_shape) for t in plan.tensors], max_shard_bytes) for plan in plans]
+
+    with atomic_folder(output, overwrite) as temp:
+        folders = {name: temp / path.relative_to(output) for name, path in output_folders(output, plans, nested).items()}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        writers = [ShardedWriter(folders[plan.budget], layout) for plan, layout in zip(plans, layouts)]
+        _stream(source, plans, writers)
+
+        results = []
+        for plan, writer, layout in zip(plans, writers, layouts):
+            folder = folders[plan.budget]
+            writer.finish()
+            write_text(folder / "config.json", json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+            copied = copy_sidecars(sidecars, folder)
+            write_text(folder / "README.md", render_model_card(source, plan, __version__))
+            files = sorted([name for name, _ in layout.shards] + copied + ["config.json", "README.md"])
+            if len(layout.shards) > 1:
+                files = sorted(files + ["model.safetensors.index.json"])
+            final = output / folder.relative_to(temp)
+            results.append(SliceResult(plan.budget, final, plan.params, plan.active_params, layout.total_size, tuple(files)))
+
+    elapsed = time.monotonic() - started
+    log.info("wrote %d budget(s) to %s in %.1f s", len(results), output, elapsed)
+    return results
+
+
+def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[ShardedWriter]) -> None:
+    by_source: dict[str, list[tuple[int, TensorSlice]]] = {}
+    for position, plan in enumerate(plans):
+        for tensor in plan.tensors:
+            by_source.setdefault(tensor.source, []).append((position, tensor))
+
+    cutter = _Cutter()
+    checkpoint = source.checkpoint
+    for name in checkpoint.tensors:
+        targets = by_source.get(name)
+        if not targets:
+            continue
+        info = checkpoint.tensors[name]
+        if all(tensor.is_copy for _, tensor in targets):
+            raw = checkpoint.read_bytes(name)
+            for position, tensor in targets:
+                writers[position].write_bytes(tensor.target, tensor.dtype, tensor.target_shape, raw)
+            continue
+        full = checkpoint.read(name)
+        for position, tensor in targets:
+            writers[position].write(tensor.target, cutter.cut(full, tensor.keep))
+        log.debug("sliced %s %s for %d budget(s)", name, list(info.shape), len(targets))
+
+
+class _Cutter:
+    """Applies keep indices to tensors, caching index tensors shared between many tensors."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[tuple[int, ...], torch.Tensor | slice, torch.Tensor | None]] = {}
+
+    def _index(self, keep: tuple[int, ...]) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+        cached = self._cache.get(id(keep))
+        if cached is not None and cached[0] is keep:
+            return cached[1], cached[2]
+        padding = None
+        if keep and keep[0] >= 0 and all(b == a + 1 for a, b in zip(keep, keep[1:])):
+            index: torch.Tensor | slice = slice(keep[0], keep[-1] + 1)
+        else:
+            index = torch.tensor(keep, dtype=torch.long)
+            if (index < 0).any():
+                padding = index >= 0
+        self._cache[id(keep)] = (keep, index, padding)
+        return index, padding
+
+    def cut(self, tensor: torch.Tensor, keep: tuple[Keep, ...]) -> torch.Tensor:
+        """Keep the listed entries of each dimension; ``-1`` entries become zeros."""
+        for dim, indices in enumerate(keep):
+            if indices is None:
+                continue
+            index, padding = self._index(indices)
+            if isinstance(index, slice):
+                tensor = tensor.narrow(dim, index.start, index.stop - index.start)
+            elif padding is None:
+                tensor = tensor.index_select(dim, index)
+            else:
+                shape = list(tensor.shape)
+                shape[dim] = len(indices)
+                result = tensor.new_zeros(shape)
+                result.index_copy_(dim, padding.nonzero().squeeze(1), tensor.index_select(dim, index[padding]))
+                tensor = result
+        return tensor.contiguous()
