@@ -21,7 +21,7 @@ from typing import Any
 
 from elastic_cli.arch.nemotron_h import LayerKind, NemotronHArch
 from elastic_cli.checkpoint.reader import read_json
-from elastic_cli.errors import MaskError
+from elastic_cli.errors import CheckpointError, MaskError
 
 MASKS_FILE = "elastic_config.json"
 FORMAT_NAME = "elastic-nemotron-h"
@@ -301,6 +301,29 @@ def _count(value: Any, length: int, where: tuple[str, int | None, str], problems
     return (True,) * value + (False,) * (length - value)
 
 
+def _spec_groups(arch: NemotronHArch, axis: Axis) -> int:
+    """Return how many equal groups a budget-spec count of this axis is split across."""
+    if axis is Axis.MAMBA_HEADS:
+        return arch.n_groups
+    if axis is Axis.ATTENTION_HEADS:
+        return arch.num_key_value_heads
+    if axis is Axis.EXPERTS:
+        return arch.n_group
+    return 1
+
+
+def _grouped_count(value: Any, length: int, groups: int, where: tuple[str, int | None, str], problems: list[MaskProblem]) -> Mask:
+    """Keep ``value / groups`` leading entries of each of ``groups`` equal groups."""
+    budget, layer, axis = where
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= length or value % groups:
+        problems.append(
+            MaskProblem(budget, layer, axis, f"keep count {value!r} must be an integer from 0 to {length} divisible by {groups} groups")
+        )
+        return _full(length)
+    size, per_group = length // groups, value // groups
+    return ((True,) * per_group + (False,) * (size - per_group)) * groups
+
+
 def parse_budget_spec(document: Any, arch: NemotronHArch, source: str) -> list[Budget]:
     """Turn a budget spec (keep counts per axis, optionally per layer) into prefix masks.
 
@@ -363,7 +386,13 @@ def _spec_budget(
         for axis in LAYER_AXES[kind]:
             length = axis_length(arch, axis)
             value = override.get(axis.value, keep.get(axis.value))
-            mask = _full(length) if value is None else _count(value, length, (name, layer, axis.value), problems)
+            groups = _spec_groups(arch, axis)
+            if value is None:
+                mask = _full(length)
+            elif groups > 1:
+                mask = _grouped_count(value, length, groups, (name, layer, axis.value), problems)
+            else:
+                mask = _count(value, length, (name, layer, axis.value), problems)
             masks.append((axis, mask))
         layer_masks.append(tuple(masks))
     for key in per_layer:
@@ -382,8 +411,6 @@ def load_budgets(root: Path, arch: NemotronHArch, spec_path: Path | None = None)
         MaskError: If neither masks nor a spec exist, or they cannot be parsed.
     """
     if spec_path is not None:
-        from elastic_cli.errors import CheckpointError
-
         try:
             document = read_json(spec_path, "budget spec")
         except CheckpointError as error:

@@ -97,13 +97,15 @@ def _structure_problems(arch: NemotronHArch, budget: Budget) -> list[MaskProblem
         counts = {layer: sum(budget.mask(axis, layer)) for layer in kept_layers if arch.layer_kinds[layer] is kind}
         if len(set(counts.values())) > 1:
             common, _ = Counter(counts.values()).most_common(1)[0]
-            odd = next(layer for layer, count in counts.items() if count != common)
-            add(
-                odd,
-                axis,
-                f"keeps {counts[odd]} but other {kind.value} layers keep {common}; the config has one "
-                f"'{field}' for all layers, so this budget cannot be sliced exactly",
-            )
+            reference = next(layer for layer, count in counts.items() if count == common)
+            for layer, count in counts.items():
+                if count != common:
+                    add(
+                        layer,
+                        axis,
+                        f"keeps {count} but layer {reference} keeps {common}; the config has one "
+                        f"'{field}' for all {kind.value} layers, so this budget cannot be sliced exactly",
+                    )
     mamba_groups = {
         layer: sum(1 for count in group_counts(budget.mask(Axis.MAMBA_HEADS, layer), arch.n_groups) if count)
         for layer in kept_layers
