@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from elastic_cli.errors import CheckpointError
+from elastic_cli.errors import CheckpointError, UsageError
 
 # Weights, configs, tokenizer and chat-template files, remote code, docs; never .bin/.pt/.gguf.
 ALLOW_PATTERNS = [
@@ -62,7 +62,7 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> ResolvedCheckp
         if not local.is_dir():
             raise CheckpointError(f"{spec} is a file, not a checkpoint folder", "pass the folder that holds config.json")
         if revision is not None:
-            raise CheckpointError(f"--revision {revision} applies to hub repo ids, not to the local folder {spec}", "drop --revision")
+            raise UsageError(f"--revision {revision} applies to hub repo ids, not to the local folder {spec}", "drop --revision")
         return ResolvedCheckpoint(path=local, trust_root=local.resolve(), name=local.resolve().name, revision=None)
 
     if not _REPO_ID.match(spec) or ".." in spec:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from elastic_cli.arch.nemotron_h import NemotronHArch, natural_key, parse_config, parse_tensor_name
-from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE
-from elastic_cli.checkpoint.writer import ShardedWriter, plan_shards, write_text
+from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE, encode_header
+from elastic_cli.checkpoint.writer import SHARD_METADATA, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.masks import LAYER_AXES, MASKS_FILE, Axis, Budget, Mask, axis_length, budgets_to_document
 
 FP32_TEMPLATES = ("A_log", "D", "gate.weight", "gate.e_score_correction_bias")
@@ -227,3 +227,31 @@ def write_checkpoint(
         write_text(folder / MASKS_FILE, json.dumps(document, indent=1, sort_keys=True) + "\n")
     for name, text in (sidecars or {}).items():
         write_text(folder / name, text)
+
+
+def write_header_only_checkpoint(
+    folder: Path,
+    config: dict[str, Any],
+    budgets: list[Budget] | None = None,
+    max_shard_bytes: int = 5 * 1000**3,
+) -> None:
+    """Write a checkpoint whose shards hold real headers and sparse, all-zero data.
+
+    The files take almost no disk space (their data areas are holes), yet every header is exact,
+    so header-only commands (``inspect``, ``--dry-run``) see a full-size checkpoint, such as the
+    complete Nemotron 3 Nano 30B-A3B, without its 63 GB of weights.
+    """
+    arch = parse_config(config)
+    entries = [(name, TORCH_TO_DTYPE[tensor_dtype(name)], shape) for name, shape in template_shapes(arch).items()]
+    layout = plan_shards(entries, max_shard_bytes)
+    for file, shard_entries in layout.shards:
+        header, sizes = encode_header(list(shard_entries), SHARD_METADATA)
+        with (folder / file).open("wb") as handle:
+            handle.write(header)
+            handle.truncate(len(header) + sum(sizes))
+    if len(layout.shards) > 1:
+        index = {"metadata": {"total_size": layout.total_size}, "weight_map": layout.weight_map}
+        write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if budgets is not None:
+        write_text(folder / MASKS_FILE, json.dumps(budgets_to_document(budgets, arch), indent=1, sort_keys=True) + "\n")

@@ -19,6 +19,7 @@ Mamba-2 ``in_proj`` rows are ``[z (di) | x (di) | B (G*N) | C (G*N) | dt (nh)]``
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -153,6 +154,7 @@ class TensorName:
         return f"backbone.layers.{layer}.mixer.{suffix}"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_tensor_name(name: str) -> TensorName | None:
     """Split an on-disk tensor name, or return ``None`` if it is not a NemotronH name."""
     if name in GLOBAL_TENSORS:
@@ -226,7 +228,11 @@ class NemotronHArch:
 
     def dim_size(self, dim: Dim) -> int | None:
         """Return the full length of a sliceable dimension (``None`` for ``Dim.FULL``)."""
-        sizes = {
+        return self._dim_sizes.get(dim)
+
+    @functools.cached_property
+    def _dim_sizes(self) -> dict[Dim, int]:
+        return {
             Dim.HIDDEN: self.hidden_size,
             Dim.MAMBA_IN_PROJ: self.mamba_in_proj_rows,
             Dim.MAMBA_CONV: self.mamba_conv_dim,
@@ -238,7 +244,6 @@ class NemotronHArch:
             Dim.EXPERT_FFN: self.moe_intermediate_size,
             Dim.SHARED_FFN: self.shared_expert_intermediate_size,
         }
-        return sizes.get(dim)
 
     def template_shape(self, name: TensorName) -> tuple[int, ...] | None:
         """Return the shape the config implies for a tensor, or ``None`` if it has no template."""

@@ -33,12 +33,17 @@ def check_destination(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise OutputError(f"output {output} exists and is not a folder", "choose another --output")
     parent = output.parent
+    blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"cannot create output {output}: {blocker} is a file, not a folder", "choose another --output")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise output_error(parent, error) from error
+        raise OutputError(
+            f"cannot create the folder for output {output}: {error.strerror or error}", "choose a writable --output folder"
+        ) from error
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {parent}: permission denied", "choose a writable --output folder")
+        raise OutputError(f"cannot write output {output}: {parent} is not writable", "choose a writable --output folder")
 
 
 @contextmanager
@@ -53,7 +58,9 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
     try:
         temp.mkdir()
     except OSError as error:
-        raise output_error(temp, error) from error
+        raise OutputError(
+            f"cannot write output {output}: {error.strerror or error}", "choose a writable --output folder"
+        ) from error
     try:
         yield temp
         _replace(temp, output, overwrite)

@@ -50,6 +50,15 @@ def _inside(root: Path, path: Path) -> bool:
     return True
 
 
+def check_inside(trust_root: Path, path: Path) -> None:
+    """Reject a checkpoint file that is a link resolving outside ``trust_root`` (absent files pass)."""
+    if path.exists() and not _inside(trust_root, path):
+        raise CheckpointError(
+            f"{path.name} resolves to {path.resolve()}, outside the checkpoint folder {trust_root}",
+            "replace the link with the file itself",
+        )
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder opened lazily.
@@ -85,6 +94,8 @@ class Checkpoint:
         if not root.is_dir():
             raise CheckpointError(f"checkpoint folder not found: {root}", "pass a folder or a Hugging Face repo id")
         trust = (trust_root or root).resolve()
+        for name in ("config.json", INDEX_NAME, "elastic_config.json"):
+            check_inside(trust, root / name)
         config = read_json(root / "config.json", "config.json")
         if not isinstance(config, dict):
             raise CheckpointError(f"{root / 'config.json'} is not a JSON object", "fix or restore the file")
@@ -106,11 +117,7 @@ class Checkpoint:
             path = root / shard
             if not path.exists():
                 raise CheckpointError(f"shard {shard} listed in {INDEX_NAME} is missing from {root}", "download it again")
-            if not _inside(trust, path):
-                raise CheckpointError(
-                    f"shard {shard} resolves to {path.resolve()}, outside the checkpoint folder {trust}",
-                    "replace the link with the file itself",
-                )
+            check_inside(trust, path)
             header = read_header(path)
             for name, info in header.tensors.items():
                 if name in tensors:

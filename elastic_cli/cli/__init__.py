@@ -8,6 +8,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from elastic_cli import __version__
 from elastic_cli.cli.inspect_cmd import inspect
@@ -59,9 +60,9 @@ def main() -> None:
     except ElasticError as error:
         if os.environ.get("ELASTIC_DEBUG") == "1":
             raise
-        stderr.print(f"[red]Error:[/red] {error.message}", highlight=False)
+        stderr.print(f"[red]Error:[/red] {escape(error.message)}", highlight=False)
         if error.hint:
-            stderr.print(f"Hint: {error.hint}", highlight=False)
+            stderr.print(f"Hint: {escape(error.hint)}", highlight=False)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         stderr.print("Interrupted; nothing was left half-written.", highlight=False)
@@ -73,10 +74,10 @@ def main() -> None:
         sys.exit(exit_.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as error:  # click usage errors
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+    except typer.TyperException as error:
+        # Usage errors from option parsing (unknown option, invalid value): usage line, exit 2.
+        show = getattr(error, "show", None)
+        if show is None:
+            raise
+        show()
+        sys.exit(getattr(error, "exit_code", 2))

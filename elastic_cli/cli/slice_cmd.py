@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from elastic_cli.cli.options import BudgetSpec, Checkpoint, DryRun, Json, Overwrite, Revision
-from elastic_cli.cli.output import emit, format_bytes
+from elastic_cli.cli.output import emit, format_bytes, parse_size
 from elastic_cli.elastic.modelcard import format_params
 from elastic_cli.elastic.slicer import output_folders, plan_budgets, slice_checkpoint
 from elastic_cli.elastic.source import open_source
@@ -26,7 +26,9 @@ OutputOption = Annotated[
         "--output", "-o", help="Output folder; with several budgets each goes to OUTPUT/<budget>.", show_default=False
     ),
 ]
-MaxShardSize = Annotated[float, typer.Option("--max-shard-size", help="Largest shard in GB (10^9 bytes).", min=0.001)]
+MaxShardSize = Annotated[
+    str, typer.Option("--max-shard-size", help="Largest shard file, such as 5GB, 500MB or 2GiB (plain numbers are bytes).")
+]
 
 
 def slice_(
@@ -35,7 +37,7 @@ def slice_(
     output: OutputOption,
     revision: Revision = None,
     budget_spec: BudgetSpec = None,
-    max_shard_size: MaxShardSize = 5.0,
+    max_shard_size: MaxShardSize = "5GB",
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
     json: Json = False,
@@ -65,7 +67,7 @@ def slice_(
             ]
         else:
             written = slice_checkpoint(
-                source, plans, output, nested=nested, overwrite=overwrite, max_shard_bytes=int(max_shard_size * 1e9)
+                source, plans, output, nested=nested, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size")
             )
             results = [
                 {"budget": r.budget, "path": str(r.path), "params": r.params, "active_params": r.active_params,

@@ -314,9 +314,11 @@ def count_params(
     return total, active
 
 
-def check_sliceable(problems: list) -> None:
+def check_sliceable(problems: list, checkpoint: str) -> None:
     """Raise :class:`MaskError` listing validation problems, if any."""
     if problems:
         listing = "; ".join(str(problem) for problem in problems[:3])
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise MaskError(f"the budgets are not sliceable: {listing}{more}", "run `elastic inspect CKPT` to list every problem")
+        raise MaskError(
+            f"the budgets are not sliceable: {listing}{more}", f"run `elastic inspect {checkpoint}` to list every problem"
+        )

@@ -47,7 +47,7 @@ def plan_budgets(source: ElasticSource, names: list[str]) -> list[SlicePlan]:
     """
     refuse_quantized(source)
     budgets = source.select(names)
-    check_sliceable(source.problems)
+    check_sliceable(source.problems, source.origin.name)
     return [build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget) for budget in budgets]
 
 
