@@ -159,19 +159,35 @@ def _round_to(value: float, multiple: int, low: int) -> int:
     return max(low, int(round(value / multiple)) * multiple)
 
 
-def importance_budgets(arch: NemotronHArch, fractions: list[tuple[str, float]], seed: int) -> list[Budget]:
+def _blockwise(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Give every element of a block of ``block`` channels its block's score, so rankings keep whole blocks."""
+    if block <= 1 or len(scores) % block:
+        return scores
+    per_block = scores[::block].clone()
+    return per_block.repeat_interleave(block) - torch.arange(len(scores)).remainder(block) * 1e-9
+
+
+def importance_budgets(
+    arch: NemotronHArch, fractions: list[tuple[str, float]], seed: int, block: int = 1
+) -> list[Budget]:
     """Build nested budgets that keep the most important ``fraction`` of each axis.
 
     A random importance score per component stands in for the activation-based ranking of
     Minitron-style pruning; every budget keeps the top of the same ranking, so budgets nest.
     Counts respect the structural rules (the same count per Mamba group and per KV head,
     experts at least top-k) and are multiples of 16 where the width allows, so children stay
-    quantizable to NVFP4. ``fractions`` runs from largest (1.0) to smallest.
+    quantizable to NVFP4. ``fractions`` runs from largest (1.0) to smallest. With
+    ``block=16``, channel axes are ranked in whole blocks of 16, so an NVFP4-quantized parent
+    can still be sliced to every budget.
     """
     generator = torch.Generator().manual_seed(seed)
-    scores = {axis: torch.rand(axis_length(arch, axis), generator=generator) for axis in (Axis.HIDDEN,)}
+    channel_axes = (Axis.HIDDEN, Axis.FFN_CHANNELS, Axis.EXPERT_CHANNELS, Axis.SHARED_EXPERT_CHANNELS)
+    scores = {Axis.HIDDEN: _blockwise(torch.rand(arch.hidden_size, generator=generator), block)}
     layer_scores = [
-        {axis: torch.rand(axis_length(arch, axis), generator=generator) for axis in LAYER_AXES[kind]}
+        {
+            axis: _blockwise(torch.rand(axis_length(arch, axis), generator=generator), block if axis in channel_axes else 1)
+            for axis in LAYER_AXES[kind]
+        }
         for kind in arch.layer_kinds
     ]
     budgets = []

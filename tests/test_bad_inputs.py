@@ -277,13 +277,23 @@ def test_config_layer_count_contradicts_pattern(slice_fails, copy_checkpoint):
 
 
 @pytest.mark.parametrize("marker", ["hf_quant_config.json", "quantization_config"])
-def test_quantized_checkpoint_rejected(slice_fails, copy_checkpoint, marker):
+def test_quantize_rejects_quantized_input(invoke_cli, copy_checkpoint, tmp_path, marker):
     if marker == "hf_quant_config.json":
         (copy_checkpoint / marker).write_text('{"quantization": {"quant_algo": "FP8"}}\n')
     else:
         set_json_value(copy_checkpoint / "config.json", (marker,), {"quant_method": "fp8"})
+    output = tmp_path / "out"
 
-    slice_fails(copy_checkpoint, "already quantized", marker)
+    result = invoke_cli("quantize", copy_checkpoint, "--format", "fp8", "--output", output)
+
+    assert_one_error(result, "already quantized", marker)
+    assert_no_output(output)
+
+
+def test_slice_rejects_malformed_quant_config(slice_fails, copy_checkpoint):
+    (copy_checkpoint / "hf_quant_config.json").write_text('{"quantization": "FP8"}\n')
+
+    slice_fails(copy_checkpoint, "hf_quant_config.json")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def write_text(path: Path, text: str) -> None:

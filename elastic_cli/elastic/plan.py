@@ -27,6 +27,8 @@ from elastic_cli.checkpoint.safetensors_io import DTYPES, TensorInfo
 from elastic_cli.elastic.masks import Axis, Budget
 from elastic_cli.elastic.validate import group_counts
 from elastic_cli.errors import CheckpointError, MaskError
+from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
+from elastic_cli.quantize.export import BLOCK_SCALE_PAD, PACKED_DTYPE, quantized_shape, split_quantized_name
 
 Keep = tuple[int, ...] | None
 
@@ -41,6 +43,7 @@ class TensorSlice:
     source_shape: tuple[int, ...]
     target_shape: tuple[int, ...]
     keep: tuple[Keep, ...]
+    pad_value: float = 0.0
 
     @property
     def is_copy(self) -> bool:
@@ -75,6 +78,12 @@ class SlicePlan:
     @property
     def total_bytes(self) -> int:
         return sum(tensor.nbytes for tensor in self.tensors)
+
+    @property
+    def module_map(self) -> dict[str, str]:
+        """Parent module name to child module name, for every module with a weight."""
+        suffix = ".weight"
+        return {t.source[: -len(suffix)]: t.target[: -len(suffix)] for t in self.tensors if t.source.endswith(suffix)}
 
 
 def kept(mask: tuple[bool, ...]) -> tuple[int, ...]:
@@ -176,7 +185,8 @@ def build_plan(
 
     slices = []
     for name, info in tensors.items():
-        parsed = parse_tensor_name(name)
+        base, role = split_quantized_name(name)
+        parsed = parse_tensor_name(base)
         assert parsed is not None  # check_tensors rejected unknown names
         dims_of = template_dims(arch, parsed)
         assert dims_of is not None
@@ -195,13 +205,62 @@ def build_plan(
                     continue
                 expert = layer_keep.experts.index(parsed.expert)
             target = parsed.render(layer=new_index[parsed.layer], expert=expert)
+        if role != "weight" or base != name:
+            target = target[: -len("weight")] + name.rsplit(".", 1)[1]
         keep = tuple(keeps.get(dim) if dim is not Dim.FULL else None for dim in dims_of)
+        keep, pad = _quantized_keep(name, role, info, keep, budget.name)
         shape = tuple(size if indices is None else len(indices) for size, indices in zip(info.shape, keep))
-        slices.append(TensorSlice(name, target, info.dtype, info.shape, shape, keep))
+        slices.append(TensorSlice(name, target, info.dtype, info.shape, shape, keep, pad))
 
     new_config = rewrite_config(arch, config, budget, layer_map, widths)
     params, active = count_params(arch, slices, layer_map, budget)
     return SlicePlan(budget.name, new_config, tuple(slices), layer_map, params, active)
+
+
+def _quantized_keep(
+    name: str, role: str, info: TensorInfo, keep: tuple[Keep, ...], budget: str
+) -> tuple[tuple[Keep, ...], float]:
+    """Map a weight's keep indices onto its quantized tensors; return them and the pad value.
+
+    Scalars are copied. Packed NVFP4 weights keep whole bytes and block scales whole blocks, so
+    every input-axis cut must keep or drop whole blocks of 16 columns.
+    """
+    if len(info.shape) == 0:
+        return (), 0.0
+    packed = role == "weight" and info.dtype == PACKED_DTYPE
+    if not packed and role != "scale":
+        return keep, 0.0
+    rows, columns = keep
+    if columns is not None:
+        blocks = _whole_blocks(columns)
+        if blocks is None:
+            raise MaskError(
+                f"budget '{budget}' cuts the input of '{name}' inside a block of {NVFP4_BLOCK_SIZE} columns",
+                "an NVFP4 parent can only be sliced where every cut keeps or drops whole blocks of 16",
+            )
+        if packed:
+            half = NVFP4_BLOCK_SIZE // 2
+            columns = tuple(b * half + i if b >= 0 else -1 for b in blocks for i in range(half))
+        else:
+            columns = blocks
+    return (rows, columns), BLOCK_SCALE_PAD if role == "scale" else 0.0
+
+
+def _whole_blocks(columns: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Return the block index of each kept block of 16 columns (-1 for padding), or None."""
+    size = NVFP4_BLOCK_SIZE
+    if len(columns) % size:
+        return None
+    blocks = []
+    for start in range(0, len(columns), size):
+        chunk = columns[start : start + size]
+        if all(index < 0 for index in chunk):
+            blocks.append(-1)
+        elif chunk[0] % size == 0 and chunk == tuple(range(chunk[0], chunk[0] + size)):
+            blocks.append(chunk[0] // size)
+        else:
+            return None
+    return tuple(blocks)
 
 
 def _common_widths(arch: NemotronHArch, budget: Budget, layer_map: tuple[int, ...]) -> dict[Dim, int]:
@@ -224,10 +283,13 @@ def check_tensors(arch: NemotronHArch, tensors: dict[str, TensorInfo]) -> None:
         CheckpointError: Naming the first unknown, missing or misshapen tensor.
     """
     for name, info in tensors.items():
-        parsed = parse_tensor_name(name)
+        base, role = split_quantized_name(name)
+        parsed = parse_tensor_name(base)
         expected = arch.template_shape(parsed) if parsed is not None else None
         if parsed is not None and parsed.expert is not None and parsed.expert >= arch.n_routed_experts:
             expected = None
+        if expected is not None and (role != "weight" or info.dtype == PACKED_DTYPE):
+            expected = quantized_shape(role, info.dtype, expected)
         if expected is None:
             raise CheckpointError(
                 f"tensor '{name}' is not part of the NemotronH layout this config describes",
@@ -238,7 +300,7 @@ def check_tensors(arch: NemotronHArch, tensors: dict[str, TensorInfo]) -> None:
                 f"tensor '{name}' has shape {list(info.shape)} but config.json implies {list(expected)}",
                 "the config and the weights disagree; check that config.json belongs to these shards",
             )
-    missing = [name for name in arch.required_tensors() if name not in tensors]
+    missing = [name for name in arch.required_tensors() if name not in tensors]  # quantized weights keep their names
     if missing:
         raise CheckpointError(
             f"checkpoint lacks {len(missing)} tensor(s) its config requires, e.g. '{missing[0]}'",

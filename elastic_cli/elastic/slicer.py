@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 
 from elastic_cli import __version__
+from elastic_cli.checkpoint.reader import read_json
 from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.modelcard import render_model_card
 from elastic_cli.elastic.plan import Keep, SlicePlan, TensorSlice, build_plan, check_sliceable
-from elastic_cli.elastic.source import ElasticSource, refuse_quantized
+from elastic_cli.elastic.source import ElasticSource
+from elastic_cli.errors import CheckpointError
+from elastic_cli.quantize import export
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,6 @@ def plan_budgets(source: ElasticSource, names: list[str]) -> list[SlicePlan]:
         UnsupportedError: If the checkpoint is already quantized.
         CheckpointError: If the tensors do not match the config.
     """
-    refuse_quantized(source)
     budgets = source.select(names)
     check_sliceable(source.problems, source.origin.name)
     return [build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget) for budget in budgets]
@@ -82,7 +84,10 @@ def slice_checkpoint(
         One result per budget, in plan order.
     """
     started = time.monotonic()
-    sidecars = list_sidecars(source.checkpoint.root, source.origin.trust_root, REGENERATED)
+    skip = REGENERATED | {export.QUANT_CONFIG_FILE, export.STATE_FILE}
+    sidecars = list_sidecars(source.checkpoint.root, source.origin.trust_root, skip)
+    quant_document = _optional_json(source.checkpoint.root / export.QUANT_CONFIG_FILE)
+    state_document = _optional_json(source.checkpoint.root / export.STATE_FILE)
     layouts = [plan_shards([(t.target, t.dtype, t.target_shape) for t in plan.tensors], max_shard_bytes) for plan in plans]
 
     with atomic_folder(output, overwrite) as temp:
@@ -96,8 +101,18 @@ def slice_checkpoint(
         for plan, writer, layout in zip(plans, writers, layouts):
             folder = folders[plan.budget]
             writer.finish()
-            write_text(folder / "config.json", json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+            config = plan.config
             copied = copy_sidecars(sidecars, folder)
+            if quant_document is not None:
+                child_document = export.rename_quant_config(quant_document, plan.module_map)
+                config = {**config, "quantization_config": export.quantization_config(child_document)}
+                write_text(folder / export.QUANT_CONFIG_FILE, json.dumps(child_document, indent=2, sort_keys=True) + "\n")
+                copied.append(export.QUANT_CONFIG_FILE)
+            if state_document is not None:
+                child_state = export.rename_state(state_document, plan.module_map)
+                write_text(folder / export.STATE_FILE, json.dumps(child_state, indent=1, sort_keys=True) + "\n")
+                copied.append(export.STATE_FILE)
+            write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
             write_text(folder / "README.md", render_model_card(source, plan, __version__))
             files = sorted([name for name, _ in layout.shards] + copied + ["config.json", "README.md"])
             if len(layout.shards) > 1:
@@ -110,13 +125,22 @@ def slice_checkpoint(
     return results
 
 
+def _optional_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    document = read_json(path, path.name)
+    if not isinstance(document, dict) or not isinstance(document.get("quantization", document.get("modules")), dict):
+        raise CheckpointError(f"{path.name} is malformed: it has no 'quantization' or 'modules' object", "restore the file")
+    return document
+
+
 def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[ShardedWriter]) -> None:
     by_source: dict[str, list[tuple[int, TensorSlice]]] = {}
     for position, plan in enumerate(plans):
         for tensor in plan.tensors:
             by_source.setdefault(tensor.source, []).append((position, tensor))
 
-    cutter = _Cutter()
+    cutter = TensorCutter()
     checkpoint = source.checkpoint
     for name in checkpoint.tensors:
         targets = by_source.get(name)
@@ -130,11 +154,11 @@ def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[Sharded
             continue
         full = checkpoint.read(name)
         for position, tensor in targets:
-            writers[position].write(tensor.target, cutter.cut(full, tensor.keep))
+            writers[position].write(tensor.target, cutter.cut(full, tensor.keep, tensor.pad_value))
         log.debug("sliced %s %s for %d budget(s)", name, list(info.shape), len(targets))
 
 
-class _Cutter:
+class TensorCutter:
     """Applies keep indices to tensors, caching index tensors shared between many tensors."""
 
     def __init__(self) -> None:
@@ -154,8 +178,8 @@ class _Cutter:
         self._cache[id(keep)] = (keep, index, padding)
         return index, padding
 
-    def cut(self, tensor: torch.Tensor, keep: tuple[Keep, ...]) -> torch.Tensor:
-        """Keep the listed entries of each dimension; ``-1`` entries become zeros."""
+    def cut(self, tensor: torch.Tensor, keep: tuple[Keep, ...], pad_value: float = 0.0) -> torch.Tensor:
+        """Keep the listed entries of each dimension; ``-1`` entries become ``pad_value``."""
         for dim, indices in enumerate(keep):
             if indices is None:
                 continue
@@ -167,7 +191,7 @@ class _Cutter:
             else:
                 shape = list(tensor.shape)
                 shape[dim] = len(indices)
-                result = tensor.new_zeros(shape)
+                result = torch.full(shape, pad_value, dtype=torch.float32).to(tensor.dtype)
                 result.index_copy_(dim, padding.nonzero().squeeze(1), tensor.index_select(dim, index[padding]))
                 tensor = result
         return tensor.contiguous()

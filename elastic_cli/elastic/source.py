@@ -7,7 +7,7 @@ from pathlib import Path
 
 from elastic_cli.arch.nemotron_h import NemotronHArch, parse_config
 from elastic_cli.checkpoint.reader import Checkpoint
-from elastic_cli.elastic.masks import Budget, MaskProblem, load_budgets
+from elastic_cli.elastic.masks import MASKS_FILE, Budget, MaskProblem, load_budgets
 from elastic_cli.elastic.validate import validate_budgets
 from elastic_cli.errors import MaskError, UnsupportedError
 from elastic_cli.hub import ResolvedCheckpoint, resolve_checkpoint
@@ -72,13 +72,17 @@ class ElasticSource:
         self.checkpoint.close()
 
 
-def open_source(spec: str, revision: str | None = None, budget_spec: Path | None = None) -> ElasticSource:
+def open_source(
+    spec: str, revision: str | None = None, budget_spec: Path | None = None, require_budgets: bool = True
+) -> ElasticSource:
     """Open a checkpoint and its budgets from headers alone.
 
     Args:
         spec: A local folder or a Hugging Face repo id.
         revision: Hub revision (branch, tag or commit).
         budget_spec: A budget spec file to use instead of stored masks.
+        require_budgets: Fail when the checkpoint defines no budgets; otherwise open it with
+            an empty budget list (a plain or already sliced checkpoint).
 
     Raises:
         CheckpointError: If the checkpoint cannot be read.
@@ -88,7 +92,10 @@ def open_source(spec: str, revision: str | None = None, budget_spec: Path | None
     checkpoint = Checkpoint.open(origin.path, trust_root=origin.trust_root)
     try:
         arch = parse_config(checkpoint.config)
-        budgets, budgets_from = load_budgets(checkpoint.root, arch, budget_spec)
+        if budget_spec is None and not require_budgets and not (checkpoint.root / MASKS_FILE).exists():
+            budgets, budgets_from = [], "none"
+        else:
+            budgets, budgets_from = load_budgets(checkpoint.root, arch, budget_spec)
     except Exception:
         checkpoint.close()
         raise
@@ -101,6 +108,6 @@ def refuse_quantized(source: ElasticSource) -> None:
     marker = source.quantization()
     if marker is not None:
         raise UnsupportedError(
-            f"{source.origin.name} is already quantized ({marker}); slicing quantized checkpoints is not supported yet",
-            "slice the BF16 parent, then quantize the child",
+            f"{source.origin.name} is already quantized ({marker})",
+            "quantize the high-precision checkpoint instead",
         )

@@ -1,0 +1,336 @@
+"""``elastic quantize``: plan, calibrate, then stream the quantized checkpoint shard by shard.
+
+The quantizer state (weight amax and calibrated input amax per module, KV amax) is written
+next to the weights as ``elastic_quant_state.json``; quantization-aware distillation continues
+from it, and re-exporting with it reproduces the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
+from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
+from elastic_cli.elastic.masks import MASKS_FILE
+from elastic_cli.elastic.plan import build_plan, check_sliceable
+from elastic_cli.elastic.source import ElasticSource, refuse_quantized
+from elastic_cli.errors import CheckpointError, ElasticError, UnsupportedError
+from elastic_cli.formats import FormatError
+from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
+from elastic_cli.quantize import export
+from elastic_cli.quantize.policy import QuantPlan, plan_quantization, predict_bytes
+
+log = logging.getLogger(__name__)
+
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything that decides what ``elastic quantize`` writes."""
+
+    format: str
+    recipe: str = "nvidia"
+    exclude: tuple[str, ...] = ()
+    kv_cache: str | None = None
+    keep_unaligned: bool = False
+    calib_data: Path | None = None
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+
+@dataclass
+class QuantizerState:
+    """Amax values that fix every scale of a quantized checkpoint.
+
+    Attributes:
+        modules: Module name to its scales (format, shared weight amax, input amax).
+        kv_amax: Attention mixer prefix to ``(k amax, v amax)``.
+        unreached_experts: Parent layer to expert ids no calibration token reached.
+        calibration: Samples, tokens and budgets used.
+    """
+
+    modules: dict[str, export.ModuleScales] = field(default_factory=dict)
+    kv_amax: dict[str, tuple[float, float]] = field(default_factory=dict)
+    unreached_experts: dict[int, list[int]] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": STATE_VERSION,
+            "modules": {
+                name: {"format": s.format, "weight_amax": s.weight_amax, "input_amax": s.input_amax}
+                for name, s in sorted(self.modules.items())
+            },
+            "kv_amax": {name: list(values) for name, values in sorted(self.kv_amax.items())},
+            "unreached_experts": {str(layer): experts for layer, experts in sorted(self.unreached_experts.items())},
+            "calibration": self.calibration,
+        }
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> "QuantizerState":
+        if document.get("format_version") != STATE_VERSION:
+            raise CheckpointError(f"{export.STATE_FILE} has format_version {document.get('format_version')!r}", f"expected {STATE_VERSION}")
+        modules = {
+            name: export.ModuleScales(entry["format"], float(entry["weight_amax"]), float(entry["input_amax"]))
+            for name, entry in document["modules"].items()
+        }
+        kv = {name: (float(values[0]), float(values[1])) for name, values in document.get("kv_amax", {}).items()}
+        unreached = {int(layer): list(experts) for layer, experts in document.get("unreached_experts", {}).items()}
+        return cls(modules, kv, unreached, dict(document.get("calibration", {})))
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What ``elastic quantize`` planned or wrote."""
+
+    plan: QuantPlan
+    predicted_bytes: dict[str, int]
+    path: Path | None
+    total_bytes: int | None
+    files: tuple[str, ...]
+    state: QuantizerState | None
+
+
+def plan_for(source: ElasticSource, options: QuantizeOptions) -> QuantPlan:
+    """Check the input and decide every module's format, from headers alone."""
+    refuse_quantized(source)
+    if source.problems:
+        check_sliceable(source.problems, source.origin.name)
+    return plan_quantization(
+        source.arch,
+        source.checkpoint.tensors,
+        options.format,
+        options.recipe,
+        list(options.exclude),
+        options.kv_cache,
+        options.keep_unaligned,
+    )
+
+
+def predicted_sizes(source: ElasticSource, plan: QuantPlan) -> dict[str, int]:
+    """Predict the quantized size of the parent and of every budget sliced from it."""
+    sizes = {"parent": predict_bytes(plan, source.checkpoint.tensors)}
+    for budget in source.budgets:
+        slice_plan = build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget)
+        child = {t.source: (t.dtype, t.target_shape) for t in slice_plan.tensors}
+        sizes[budget.name] = predict_bytes(plan, child)
+    return sizes
+
+
+def unaligned_cuts(source: ElasticSource, plan: QuantPlan) -> list[str]:
+    """List NVFP4 modules whose input cut, for some budget, splits a block of 16 columns.
+
+    A quantized parent serves every budget only when each budget keeps or drops whole blocks
+    along the input dimension, because packed E2M1 pairs and block scales cannot be split.
+    """
+    nvfp4 = {d.module for d in plan.decisions if d.format == "nvfp4"}
+    problems = []
+    for budget in source.budgets:
+        slice_plan = build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget)
+        for tensor in slice_plan.tensors:
+            module = tensor.source[: -len(".weight")]
+            keep = tensor.keep[-1] if tensor.keep else None
+            if module not in nvfp4 or keep is None:
+                continue
+            if not _block_aligned(keep):
+                problems.append(f"budget '{budget.name}': {module}")
+                break
+    return problems
+
+
+def _block_aligned(keep: tuple[int, ...]) -> bool:
+    if len(keep) % NVFP4_BLOCK_SIZE:
+        return False
+    for start in range(0, len(keep), NVFP4_BLOCK_SIZE):
+        block = keep[start : start + NVFP4_BLOCK_SIZE]
+        if block[0] < 0 or block[0] % NVFP4_BLOCK_SIZE or block != tuple(range(block[0], block[0] + NVFP4_BLOCK_SIZE)):
+            if not all(index < 0 for index in block):
+                return False
+    return True
+
+
+def calibrate_state(source: ElasticSource, plan: QuantPlan, options: QuantizeOptions) -> QuantizerState:
+    """Run calibration over every budget and return the input and KV amax values."""
+    from elastic_cli.quantize.calib_data import load_texts, tokenize
+    from elastic_cli.quantize.calibrate import calibrate
+
+    texts = load_texts(options.calib_data)
+    token_ids = tokenize(texts, _tokenizer(source), options.calib_samples, options.calib_seq_len)
+    modules = set(plan.quantized)
+    result = calibrate(source, modules, token_ids, budgets=source.budgets or None, kv_cache=plan.kv_cache_quant_algo == "FP8")
+    state = QuantizerState(
+        kv_amax=dict(result.kv_amax),
+        unreached_experts={layer: list(experts) for layer, experts in result.unreached_experts.items()},
+        calibration={"samples": result.samples, "tokens": result.tokens, "budgets": list(result.budgets)},
+    )
+    for decision in plan.decisions:
+        if decision.format is not None:
+            state.modules[decision.module] = export.ModuleScales(decision.format, 0.0, float(result.input_amax[decision.module]))
+    return state
+
+
+def _tokenizer(source: ElasticSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.checkpoint.root)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot load the tokenizer of {source.origin.name}: {error}",
+            "calibration tokenizes text with the checkpoint's own tokenizer; add its tokenizer files",
+        ) from error
+
+
+def _share_fused(source: ElasticSource, plan: QuantPlan, state: QuantizerState) -> None:
+    """Give fused partners (q/k/v) one weight amax and one input amax.
+
+    Partners whose weight amax the state already fixes (a reused state) keep it.
+    """
+    groups: dict[str, list[str]] = {}
+    for decision in plan.decisions:
+        if decision.format is not None and decision.fused_group:
+            groups.setdefault(decision.fused_group, []).append(decision.module)
+    for modules in groups.values():
+        if all(state.modules[m].weight_amax > 0 for m in modules):
+            continue
+        weight = max(export.weight_amax(source.checkpoint.read(f"{m}.weight")) for m in modules)
+        inputs = max(state.modules[m].input_amax for m in modules)
+        for module in modules:
+            state.modules[module] = export.ModuleScales(state.modules[module].format, weight, inputs)
+
+
+def quantize_checkpoint(
+    source: ElasticSource,
+    options: QuantizeOptions,
+    output: Path,
+    *,
+    overwrite: bool = False,
+    state: QuantizerState | None = None,
+) -> QuantizeResult:
+    """Quantize a checkpoint and write it atomically to ``output``.
+
+    Args:
+        source: The opened high-precision checkpoint (elastic or not).
+        options: Format, recipe and calibration options.
+        output: Destination folder.
+        overwrite: Replace an existing destination.
+        state: Scales to use instead of calibrating: its input amax values, and its weight
+            amax values where positive (0 means "compute from the weight"). A child quantized
+            with its parent's state gets the parent's bytes.
+
+    Raises:
+        UnsupportedError: For an already quantized input, or an elastic checkpoint whose
+            budgets cut NVFP4 inputs inside a block of 16.
+        CheckpointError: For NaN or Inf weights, naming the tensor.
+    """
+    started = time.monotonic()
+    plan = plan_for(source, options)
+    sizes = predicted_sizes(source, plan)
+    unaligned = unaligned_cuts(source, plan) if len(source.budgets) > 1 else []
+    if unaligned:
+        raise UnsupportedError(
+            f"NVFP4 cannot keep the nesting: {unaligned[0]} keeps input columns that split blocks of "
+            f"{NVFP4_BLOCK_SIZE}" + (f" (and {len(unaligned) - 1} more)" if len(unaligned) > 1 else ""),
+            "use masks that keep whole blocks of 16 channels, or slice each budget first and quantize the children",
+        )
+
+    if state is None:
+        log.info("calibrating %d module(s) over %d budget(s)", len(plan.quantized), max(1, len(source.budgets)))
+        state = calibrate_state(source, plan, options)
+    else:
+        state = QuantizerState(dict(state.modules), dict(state.kv_amax), dict(state.unreached_experts), dict(state.calibration))
+        missing = [m for m in plan.quantized if m not in state.modules]
+        if missing:
+            raise CheckpointError(f"the quantizer state has no scales for module {missing[0]}", "calibrate instead of reusing a state")
+    _share_fused(source, plan, state)
+
+    entries = _output_entries(source, plan)
+    layout = plan_shards(entries, options.max_shard_bytes)
+    sidecars = list_sidecars(source.checkpoint.root, source.origin.trust_root, REGENERATED | {export.QUANT_CONFIG_FILE, export.STATE_FILE})
+    document = export.hf_quant_config(plan)
+
+    with atomic_folder(output, overwrite) as temp:
+        with ShardedWriter(temp, layout) as writer:
+            _stream(source, plan, state, writer)
+            writer.finish()
+        config = dict(source.checkpoint.config)
+        config["quantization_config"] = export.quantization_config(document)
+        write_text(temp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_text(temp / export.QUANT_CONFIG_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")
+        write_text(temp / export.STATE_FILE, json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n")
+        copied = copy_sidecars(sidecars, temp)
+        if source.budgets_from == MASKS_FILE:
+            copy_sidecars([source.checkpoint.root / MASKS_FILE], temp)
+            copied.append(MASKS_FILE)
+        files = sorted(
+            [name for name, _ in layout.shards]
+            + copied
+            + ["config.json", export.QUANT_CONFIG_FILE, export.STATE_FILE]
+            + (["model.safetensors.index.json"] if len(layout.shards) > 1 else [])
+        )
+
+    log.info("wrote %s (%d bytes) in %.1f s", output, layout.total_size, time.monotonic() - started)
+    return QuantizeResult(plan, sizes, output, layout.total_size, tuple(files), state)
+
+
+def _output_entries(source: ElasticSource, plan: QuantPlan) -> list[tuple[str, str, tuple[int, ...]]]:
+    decisions = {f"{d.module}.weight": d for d in plan.decisions}
+    entries = []
+    for name, info in source.checkpoint.tensors.items():
+        decision = decisions.get(name)
+        if decision is not None and decision.format is not None:
+            entries.extend(export.output_entries(decision, info.dtype))
+        else:
+            entries.append((name, info.dtype, info.shape))
+        if plan.kv_cache_quant_algo:
+            kv = export.kv_scale_entry(name)
+            if kv is not None:
+                entries.append(kv)
+    return entries
+
+
+def _stream(source: ElasticSource, plan: QuantPlan, state: QuantizerState, writer: ShardedWriter) -> None:
+    decisions = {f"{d.module}.weight": d for d in plan.decisions if d.format is not None}
+    for name, info in source.checkpoint.tensors.items():
+        tensor = source.checkpoint.read(name)
+        problem = export.check_weight_finite(name, tensor)
+        if problem is not None:
+            raise CheckpointError(problem, "fix the checkpoint; elastic does not write NaN or Inf into quantized outputs")
+        decision = decisions.get(name)
+        if decision is None:
+            writer.write(name, tensor)
+        else:
+            scales = state.modules[decision.module]
+            if scales.weight_amax <= 0:
+                scales = export.ModuleScales(scales.format, export.weight_amax(tensor), scales.input_amax)
+                state.modules[decision.module] = scales
+            try:
+                outputs = export.quantize_module(tensor, scales)
+            except FormatError as error:
+                raise ElasticError(f"quantizing '{name}' failed: {error}", "keep this module in BF16 with --exclude") from error
+            for (target, _, _), value in zip(export.output_entries(decision, info.dtype), outputs):
+                writer.write(target, value)
+        if plan.kv_cache_quant_algo:
+            kv = export.kv_scale_entry(name)
+            if kv is not None:
+                amax = state.kv_amax[name.rsplit(".", 2)[0]]
+                writer.write(kv[0], export.kv_scale(amax[0] if name.endswith("k_proj.weight") else amax[1]))
+        del tensor
+
+
+def load_state(path: Path) -> QuantizerState:
+    """Read a quantizer state file written by ``elastic quantize``."""
+    from elastic_cli.checkpoint.reader import read_json
+
+    return QuantizerState.from_json(read_json(path, export.STATE_FILE))
+
