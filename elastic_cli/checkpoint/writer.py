@@ -10,6 +10,7 @@ written last, with ``total_size`` equal to the summed tensor bytes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -84,6 +85,8 @@ class ShardedWriter:
         self._position = 0
         self._handle: BinaryIO | None = None
         self._file: str | None = None
+        self._hash = hashlib.sha256()
+        self.digests: dict[str, tuple[str, int]] = {}  # shard file -> (sha256, size), filled as shards close
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -122,6 +125,8 @@ class ShardedWriter:
             self._handle.write(data)
         except OSError as error:
             raise output_error(self.folder / file, error) from error
+        self._hash.update(data)
+        self._size += memoryview(data).nbytes
         self._position += 1
 
     def _open_shard(self, file: str) -> None:
@@ -135,6 +140,8 @@ class ShardedWriter:
         except OSError as error:
             raise output_error(path, error) from error
         self._file = file
+        self._hash = hashlib.sha256(header)
+        self._size = len(header)
 
     def _close_shard(self) -> None:
         if self._handle is None:
@@ -147,6 +154,8 @@ class ShardedWriter:
         finally:
             self._handle.close()
             self._handle = None
+        assert self._file is not None
+        self.digests[self._file] = (self._hash.hexdigest(), self._size)
 
     def finish(self) -> None:
         """Close the last shard and write the index (only when there is more than one shard)."""

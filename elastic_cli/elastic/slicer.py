@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from elastic_cli import __version__
+from elastic_cli.checkpoint.manifest import MANIFEST_FILE, write_manifest
 from elastic_cli.checkpoint.reader import read_json
 from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
@@ -114,9 +115,15 @@ def slice_checkpoint(
                 copied.append(export.STATE_FILE)
             write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
             write_text(folder / "README.md", render_model_card(source, plan, __version__))
-            files = sorted([name for name, _ in layout.shards] + copied + ["config.json", "README.md"])
-            if len(layout.shards) > 1:
-                files = sorted(files + ["model.safetensors.index.json"])
+            provenance = {
+                "kind": "slice",
+                "parent": {"name": source.origin.name, "revision": source.origin.revision},
+                "budget": plan.budget,
+                "format": quant_document["quantization"]["quant_algo"] if quant_document else "bf16",
+                "options": {"budgets_from": Path(source.budgets_from).name, "max_shard_bytes": max_shard_bytes},
+            }
+            manifest = write_manifest(folder, provenance, writer.digests)
+            files = sorted([*manifest["files"], MANIFEST_FILE])
             final = output / folder.relative_to(temp)
             results.append(SliceResult(plan.budget, final, plan.params, plan.active_params, layout.total_size, tuple(files)))
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from elastic_cli import __version__
+from elastic_cli.checkpoint.manifest import MANIFEST_FILE, file_digest, write_manifest
 from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.masks import MASKS_FILE
@@ -268,19 +270,66 @@ def quantize_checkpoint(
         write_text(temp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_text(temp / export.QUANT_CONFIG_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")
         write_text(temp / export.STATE_FILE, json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n")
-        copied = copy_sidecars(sidecars, temp)
+        copy_sidecars(sidecars, temp)
         if source.budgets_from == MASKS_FILE:
             copy_sidecars([source.checkpoint.root / MASKS_FILE], temp)
-            copied.append(MASKS_FILE)
-        files = sorted(
-            [name for name, _ in layout.shards]
-            + copied
-            + ["config.json", export.QUANT_CONFIG_FILE, export.STATE_FILE]
-            + (["model.safetensors.index.json"] if len(layout.shards) > 1 else [])
-        )
+        write_text(temp / "README.md", render_quantized_card(source, plan, options))
+        manifest = write_manifest(temp, provenance(source, plan, options), writer.digests)
+        files = sorted([*manifest["files"], MANIFEST_FILE])
 
     log.info("wrote %s (%d bytes) in %.1f s", output, layout.total_size, time.monotonic() - started)
     return QuantizeResult(plan, sizes, output, layout.total_size, tuple(files), state)
+
+
+def provenance(source: ElasticSource, plan: QuantPlan, options: QuantizeOptions) -> dict[str, Any]:
+    """Describe where a quantized artifact came from and the options that shaped it."""
+    calib = None
+    if options.calib_data is not None:
+        calib = {"name": options.calib_data.name, "sha256": file_digest(options.calib_data)[0]}
+    return {
+        "kind": "quantize",
+        "parent": {"name": source.origin.name, "revision": source.origin.revision},
+        "budget": None,
+        "format": plan.quant_algo,
+        "options": {
+            "format": options.format,
+            "recipe": options.recipe,
+            "exclude": list(options.exclude),
+            "kv_cache": options.kv_cache,
+            "keep_unaligned": options.keep_unaligned,
+            "calib_data": calib or "default",
+            "calib_samples": options.calib_samples,
+            "calib_seq_len": options.calib_seq_len,
+            "max_shard_bytes": options.max_shard_bytes,
+        },
+    }
+
+
+def render_quantized_card(source: ElasticSource, plan: QuantPlan, options: QuantizeOptions) -> str:
+    """Return the model card of a quantized artifact: parent, revision, format and recipe."""
+    revision = source.origin.revision or "local folder, no revision"
+    budgets = ", ".join(b.name for b in source.budgets) or "none (not elastic)"
+    lines = [
+        "---",
+        f"base_model: {source.origin.name}",
+        "library_name: transformers",
+        "tags:",
+        "- nemotron-h",
+        "- modelopt",
+        f"- {plan.quant_algo.lower()}",
+        "---",
+        "",
+        f"# {source.origin.name.split('/')[-1]}: {plan.quant_algo}",
+        "",
+        f"`{source.origin.name}` (revision `{revision}`) quantized by elastic {__version__} with post-training",
+        f"quantization: format `{options.format}`, recipe `{options.recipe}`, KV cache "
+        f"`{plan.kv_cache_quant_algo or 'not quantized'}`. Weights, scales and `hf_quant_config.json` follow",
+        "the ModelOpt unified Hugging Face layout that vLLM, TensorRT-LLM and SGLang load.",
+        "",
+        f"Nested budgets kept: {budgets}. Every budget can be sliced from this checkpoint with `elastic slice`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _output_entries(source: ElasticSource, plan: QuantPlan) -> list[tuple[str, str, tuple[int, ...]]]:
