@@ -7,14 +7,21 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from elastic_cli.cli.options import BudgetSpec, Checkpoint, Json, Revision
-from elastic_cli.cli.output import emit, format_bytes
+from elastic_cli.cli.options import Quiet, Verbose, BudgetSpec, Checkpoint, Json, Revision
+from elastic_cli.cli.output import configure_logging, emit, format_bytes
 from elastic_cli.elastic.modelcard import format_params
 from elastic_cli.elastic.report import build_report
 from elastic_cli.elastic.source import open_source
 
 
-def inspect(checkpoint: Checkpoint, revision: Revision = None, budget_spec: BudgetSpec = None, json: Json = False) -> None:
+def inspect(
+    checkpoint: Checkpoint,
+    revision: Revision = None,
+    budget_spec: BudgetSpec = None,
+    json: Json = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
     """Show the architecture, every budget's parameters and sizes, and whether the masks are valid.
 
     Reads config.json, the shard headers and the masks only; no tensor data.
@@ -25,6 +32,7 @@ def inspect(checkpoint: Checkpoint, revision: Revision = None, budget_spec: Budg
 
         elastic inspect nvidia/NVIDIA-Nemotron-Labs-3-Elastic-30B-A3B-BF16 --json
     """
+    configure_logging(verbose, quiet, keep_global=True)
     source = open_source(checkpoint, revision, budget_spec)
     try:
         report = build_report(source)

@@ -19,12 +19,18 @@ stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-def configure_logging(verbose: int, quiet: bool) -> None:
-    """Send log records to stderr: WARNING with ``-q``, INFO by default, DEBUG with ``-v``."""
+def configure_logging(verbose: int, quiet: bool, keep_global: bool = False) -> None:
+    """Send log records to stderr: WARNING with ``-q``, INFO by default, DEBUG with ``-v``.
+
+    With ``keep_global``, a command's own ``-q``/``-v`` only tighten or widen what the global
+    options (given before the command name) already set.
+    """
+    root = logging.getLogger("elastic_cli")
+    if keep_global and not verbose and not quiet:
+        return
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s" if verbose else "%(message)s"))
-    root = logging.getLogger("elastic_cli")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from elastic_cli.cli.options import Checkpoint, DryRun, Json, Overwrite, Revision
-from elastic_cli.cli.output import emit, format_bytes, parse_size
+from elastic_cli.cli.options import Quiet, Verbose, Checkpoint, DryRun, Json, Overwrite, Revision
+from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
 from elastic_cli.elastic.source import open_source
 from elastic_cli.quantize.pipeline import QuantizeOptions, plan_for, predicted_sizes, quantize_checkpoint
 from elastic_cli.quantize.policy import RECIPES
@@ -50,6 +50,8 @@ def quantize(
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
     json: Json = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Quantize weights to FP8 or NVFP4 with calibrated activation scales.
 
@@ -64,6 +66,7 @@ def quantize(
 
         elastic quantize ./Nemotron-Elastic-30B --format nvfp4 --recipe mixed --dry-run
     """
+    configure_logging(verbose, quiet, keep_global=True)
     from elastic_cli.errors import UsageError
 
     if output is None and not dry_run:

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from elastic_cli.cli.options import BudgetSpec, Checkpoint, DryRun, Json, Overwrite, Revision
-from elastic_cli.cli.output import emit, format_bytes, parse_size
+from elastic_cli.cli.options import Quiet, Verbose, BudgetSpec, Checkpoint, DryRun, Json, Overwrite, Revision
+from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
 from elastic_cli.elastic.modelcard import format_params
 from elastic_cli.elastic.slicer import output_folders, plan_budgets, slice_checkpoint
 from elastic_cli.elastic.source import open_source
@@ -41,6 +41,8 @@ def slice_(
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
     json: Json = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Extract budgets as standalone Hugging Face checkpoints, zero-shot.
 
@@ -52,6 +54,7 @@ def slice_(
 
         elastic slice ./Nemotron-Elastic-30B --budget all --output ./children
     """
+    configure_logging(verbose, quiet, keep_global=True)
     if not budget:
         raise UsageError("no --budget given", "pass --budget NAME (repeatable) or --budget all")
     nested = len(budget) > 1 or "all" in budget
