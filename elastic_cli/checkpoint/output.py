@@ -54,7 +54,8 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
     destination is left as it was.
     """
     check_destination(output, overwrite)
-    temp = output.parent / f".{output.name}{TEMP_MARKER}{secrets.token_hex(4)}"
+    remove_stale_partials(output)
+    temp = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         temp.mkdir()
     except OSError as error:
@@ -67,6 +68,30 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def remove_stale_partials(output: Path) -> None:
+    """Remove temporary folders that killed runs (SIGKILL, power loss) left beside ``output``.
+
+    A temporary folder is named ``.NAME.partial-PID-RANDOM``; it is stale when no process with
+    that PID is alive. Folders of live processes (a concurrent run) are left alone.
+    """
+    for path in output.parent.glob(f".{output.name}{TEMP_MARKER}*"):
+        pid_text = path.name[len(f".{output.name}{TEMP_MARKER}") :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        log.info("removing %s left by an interrupted run", path.name)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _replace(temp: Path, output: Path, overwrite: bool) -> None:
