@@ -20,18 +20,18 @@ from elastic_cli.arch.nemotron_h import parse_config
 from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE, TensorInfo
 from elastic_cli.elastic.masks import Budget
 from elastic_cli.elastic.plan import build_plan
+from elastic_cli.quantize.calib_data import load_texts
 from elastic_cli.synthetic import importance_budgets, template_shapes, tensor_dtype, tiny_config, write_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_tokenizer import train_tokenizer  # noqa: E402
 
 PATTERN = "MEMEM*EMEMEM*EME"
 FRACTIONS = [1.0, 0.75, 0.5]
 SEED = 2026
 
 SIDECARS = {
-    "generation_config.json": '{\n  "bos_token_id": 1,\n  "eos_token_id": 2,\n  "pad_token_id": 0\n}\n',
-    "tokenizer_config.json": (
-        '{\n  "bos_token": "<s>",\n  "eos_token": "</s>",\n'
-        '  "chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\\n{% endfor %}"\n}\n'
-    ),
+    "generation_config.json": '{\n  "bos_token_id": 1,\n  "eos_token_id": 2,\n  "pad_token_id": 3\n}\n',
 }
 
 
@@ -63,7 +63,7 @@ def build(folder: Path) -> list[str]:
     infos = {
         name: TensorInfo(Path(), TORCH_TO_DTYPE[tensor_dtype(name)], shape, 0, 0) for name, shape in shapes.items()
     }
-    ranked = importance_budgets(arch, [(f"b{i}", fraction) for i, fraction in enumerate(FRACTIONS)], SEED)
+    ranked = importance_budgets(arch, [(f"b{i}", fraction) for i, fraction in enumerate(FRACTIONS)], SEED, block=16)
     budgets = []
     for budget in ranked:
         params = build_plan(arch, config, infos, budget).params
@@ -73,6 +73,7 @@ def build(folder: Path) -> list[str]:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     write_checkpoint(folder, config, SEED, budgets, max_shard_bytes=8 * 1000**2, sidecars=SIDECARS)
+    train_tokenizer(load_texts(None), config["vocab_size"], folder)
     return [budget.name for budget in budgets]
 
 

@@ -359,12 +359,16 @@ def count_params(
     """Count stored and active parameters of a planned output.
 
     Active parameters are all parameters except routed experts, plus ``num_experts_per_tok``
-    experts per MoE layer (embeddings and ``lm_head`` included).
+    experts per MoE layer (embeddings and ``lm_head`` included). Quantized weights count as
+    the weights they encode (two per packed NVFP4 byte); their scales do not count.
     """
     total = 0
     expert_params: dict[int, int] = {}
     for tensor in slices:
-        numel = math.prod(tensor.target_shape)
+        _, role = split_quantized_name(tensor.source)
+        if role != "weight":
+            continue
+        numel = math.prod(tensor.target_shape) * (2 if tensor.dtype == PACKED_DTYPE else 1)
         total += numel
         parsed = parse_tensor_name(tensor.source)
         if parsed is not None and parsed.expert is not None and parsed.layer is not None:

@@ -163,11 +163,12 @@ def _block_aligned(keep: tuple[int, ...]) -> bool:
 
 def calibrate_state(source: ElasticSource, plan: QuantPlan, options: QuantizeOptions) -> QuantizerState:
     """Run calibration over every budget and return the input and KV amax values."""
-    from elastic_cli.quantize.calib_data import load_texts, tokenize
+    from elastic_cli.quantize.calib_data import load_texts, load_tokenizer, tokenize
     from elastic_cli.quantize.calibrate import calibrate
 
-    texts = load_texts(options.calib_data)
-    token_ids = tokenize(texts, _tokenizer(source), options.calib_samples, options.calib_seq_len)
+    tokenizer = load_tokenizer(source.checkpoint.root)
+    texts = load_texts(options.calib_data, tokenizer)
+    token_ids = tokenize(texts, tokenizer, options.calib_samples, options.calib_seq_len)
     modules = set(plan.quantized)
     result = calibrate(source, modules, token_ids, budgets=source.budgets or None, kv_cache=plan.kv_cache_quant_algo == "FP8")
     state = QuantizerState(
@@ -179,18 +180,6 @@ def calibrate_state(source: ElasticSource, plan: QuantPlan, options: QuantizeOpt
         if decision.format is not None:
             state.modules[decision.module] = export.ModuleScales(decision.format, 0.0, float(result.input_amax[decision.module]))
     return state
-
-
-def _tokenizer(source: ElasticSource):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.checkpoint.root)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(
-            f"cannot load the tokenizer of {source.origin.name}: {error}",
-            "calibration tokenizes text with the checkpoint's own tokenizer; add its tokenizer files",
-        ) from error
 
 
 def _share_fused(source: ElasticSource, plan: QuantPlan, state: QuantizerState) -> None:
