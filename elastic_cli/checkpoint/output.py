@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 TEMP_MARKER = ".partial-"
 
 # Files that slicing regenerates or that belong to the parent only.
-REGENERATED = {"config.json", "model.safetensors.index.json", "README.md", "elastic_config.json"}
+REGENERATED = {"config.json", "model.safetensors.index.json", "README.md", "elastic_config.json", "elastic-manifest.json"}
 
 
 def check_destination(output: Path, overwrite: bool) -> None:

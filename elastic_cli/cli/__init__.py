@@ -15,6 +15,7 @@ from elastic_cli.cli.inspect_cmd import inspect
 from elastic_cli.cli.output import configure_logging, stderr
 from elastic_cli.cli.quantize_cmd import quantize
 from elastic_cli.cli.slice_cmd import slice_
+from elastic_cli.cli.verify_cmd import verify
 from elastic_cli.errors import ElasticError
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.command("inspect")(inspect)
 app.command("slice")(slice_)
 app.command("quantize")(quantize)
+app.command("verify")(verify)
 
 
 def _version(value: bool) -> None:
@@ -58,7 +60,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     configure_logging(0, False)
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
+        # Without standalone mode, click returns the code of a raised typer.Exit instead of exiting.
+        if isinstance(result, int) and result:
+            sys.exit(result)
     except ElasticError as error:
         if os.environ.get("ELASTIC_DEBUG") == "1":
             raise
