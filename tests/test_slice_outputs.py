@@ -141,13 +141,16 @@ def test_model_card_names_parent_budget_and_counts(parent, children):
 
 def test_budget_all_reads_each_tensor_once(parent, tmp_path, monkeypatch):
     reads: list[str] = []
-    original = Checkpoint.read_bytes
 
-    def counting(self, name):
-        reads.append(name)
-        return original(self, name)
+    def counting(method):
+        def wrapper(self, name, *args):
+            reads.append(name)
+            return method(self, name, *args)
 
-    monkeypatch.setattr(Checkpoint, "read_bytes", counting)
+        return wrapper
+
+    for method in ("read", "read_bytes", "read_rows"):
+        monkeypatch.setattr(Checkpoint, method, counting(getattr(Checkpoint, method)))
     source = open_source(str(parent))
     try:
         slice_checkpoint(source, plan_budgets(source, ["all"]), tmp_path / "out", nested=True)

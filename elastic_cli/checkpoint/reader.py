@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -148,28 +149,64 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from disk into a new CPU tensor with its stored dtype and shape."""
         info = self.tensors[name]
-        raw = self.read_bytes(name)
         torch_dtype = DTYPES[info.dtype][0]
         if info.numel == 0:
             return torch.empty(info.shape, dtype=torch_dtype)
-        return torch.frombuffer(raw, dtype=torch.uint8).view(torch_dtype).reshape(info.shape)
+        return self._read_raw(name).view(torch_dtype).reshape(info.shape)
 
-    def read_bytes(self, name: str) -> bytearray:
+    def read_bytes(self, name: str) -> memoryview:
         """Read one tensor's raw little-endian bytes."""
+        if self.tensors[name].nbytes == 0:
+            return memoryview(b"")
+        return memoryview(self._read_raw(name).numpy())
+
+    def read_rows(self, name: str, rows: tuple[int, ...]) -> torch.Tensor:
+        """Read only some rows (entries of dimension 0) of a tensor, in the given order.
+
+        Consecutive rows are read as one range, so a prefix or a few blocks cost a few reads.
+        """
+        info = self.tensors[name]
+        torch_dtype, itemsize = DTYPES[info.dtype]
+        row_bytes = math.prod(info.shape[1:]) * itemsize
+        out = torch.empty((len(rows), *info.shape[1:]), dtype=torch_dtype)
+        if out.numel() == 0:
+            return out
+        flat = out.view(-1).view(torch.uint8)
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            length = (end - start) * row_bytes
+            self._read_into(name, info.begin + rows[start] * row_bytes, flat[start * row_bytes : start * row_bytes + length])
+            start = end
+        return out
+
+    def _read_raw(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # no zero fill, unlike bytearray
+        self._read_into(name, info.begin, buffer)
+        return buffer
+
+    def _read_into(self, name: str, offset: int, buffer: torch.Tensor) -> None:
         info = self.tensors[name]
         handle = self._handles.get(info.path)
         if handle is None:
-            handle = info.path.open("rb")
+            handle = info.path.open("rb", buffering=0)
             self._handles[info.path] = handle
-        handle.seek(info.begin)
-        buffer = bytearray(info.nbytes)
-        got = handle.readinto(buffer)
-        if got != info.nbytes:
+        handle.seek(offset)
+        view = memoryview(buffer.numpy())
+        got = 0
+        while got < len(view):
+            count = handle.readinto(view[got:])
+            if not count:
+                break
+            got += count
+        if got != len(view):
             raise CheckpointError(
-                f"{info.path} ended after {got} of {info.nbytes} bytes of tensor '{name}'",
+                f"{info.path} ended after {got} of {len(view)} bytes of tensor '{name}'",
                 "the file changed or is truncated; download or copy it again",
             )
-        return buffer
 
     def close(self) -> None:
         """Close every shard file this reader opened."""

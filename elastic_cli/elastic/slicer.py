@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from elastic_cli import __version__
@@ -159,10 +160,51 @@ def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[Sharded
             for position, tensor in targets:
                 writers[position].write_bytes(tensor.target, tensor.dtype, tensor.target_shape, raw)
             continue
+        if len(targets) == 1 and targets[0][1].keep and targets[0][1].keep[0] is not None:
+            # One budget cuts the rows: read only its rows, then cut the other dimensions.
+            position, tensor = targets[0]
+            rows = tensor.keep[0]
+            wanted = tuple(row for row in rows if row >= 0)
+            part = checkpoint.read_rows(name, wanted)
+            positions = iter(range(len(wanted)))
+            local = tuple(next(positions) if row >= 0 else -1 for row in rows)
+            writers[position].write(tensor.target, cutter.cut(part, (local, *tensor.keep[1:]), tensor.pad_value))
+            continue
         full = checkpoint.read(name)
         for position, tensor in targets:
             writers[position].write(tensor.target, cutter.cut(full, tensor.keep, tensor.pad_value))
         log.debug("sliced %s %s for %d budget(s)", name, list(info.shape), len(targets))
+
+
+_MAX_RUNS = 64
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """Gather entries along ``dim``; numpy's take on a same-size integer view of the bits.
+
+    Slicing only moves bits, so the gather runs on integers of the element size; numpy's take
+    measured about 5x faster than torch's index_select for column gathers of a BF16 matrix
+    (torch 2.13, numpy 2.4, 2-core x86 CPU).
+    """
+    bits = _SAME_SIZE_INTS.get(tensor.element_size())
+    if bits is None or tensor.dim() == 0:
+        return tensor.index_select(dim, index)
+    array = tensor.contiguous().view(bits).numpy()
+    return torch.from_numpy(np.take(array, index.numpy(), axis=dim)).view(tensor.dtype)
+
+
+def _runs(keep: tuple[int, ...]) -> list[slice]:
+    """Split ascending-run keep indices into slices; empty when there is padding or reordering."""
+    runs: list[slice] = []
+    start = 0
+    for position in range(1, len(keep) + 1):
+        if position == len(keep) or keep[position] != keep[position - 1] + 1:
+            if keep[start] < 0:
+                return []
+            runs.append(slice(keep[start], keep[position - 1] + 1))
+            start = position
+    return runs
 
 
 class TensorCutter:
@@ -171,13 +213,16 @@ class TensorCutter:
     def __init__(self) -> None:
         self._cache: dict[int, tuple[tuple[int, ...], torch.Tensor | slice, torch.Tensor | None]] = {}
 
-    def _index(self, keep: tuple[int, ...]) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+    def _index(self, keep: tuple[int, ...]) -> tuple[torch.Tensor | slice | list[slice], torch.Tensor | None]:
         cached = self._cache.get(id(keep))
         if cached is not None and cached[0] is keep:
             return cached[1], cached[2]
         padding = None
-        if keep and keep[0] >= 0 and all(b == a + 1 for a, b in zip(keep, keep[1:])):
-            index: torch.Tensor | slice = slice(keep[0], keep[-1] + 1)
+        runs = _runs(keep)
+        if len(runs) == 1:
+            index: torch.Tensor | slice | list[slice] = runs[0]
+        elif runs and len(runs) <= _MAX_RUNS:
+            index = runs  # a few contiguous runs copy faster than a gather
         else:
             index = torch.tensor(keep, dtype=torch.long)
             if (index < 0).any():
@@ -193,8 +238,10 @@ class TensorCutter:
             index, padding = self._index(indices)
             if isinstance(index, slice):
                 tensor = tensor.narrow(dim, index.start, index.stop - index.start)
+            elif isinstance(index, list):
+                tensor = torch.cat([tensor.narrow(dim, run.start, run.stop - run.start) for run in index], dim=dim)
             elif padding is None:
-                tensor = tensor.index_select(dim, index)
+                tensor = _take(tensor, dim, index)
             else:
                 shape = list(tensor.shape)
                 shape[dim] = len(indices)
