@@ -255,3 +255,40 @@ def test_fp8_outliers_never_nan(tmp_path):
     quantized = fp8.quantize(weight, scale)
 
     assert not torch.isnan(quantized.float()).any()
+
+
+def test_tp_degrees_follow_row_parallel_blocks():
+    config = tiny_config("ME", moe_intermediate_size=48, hidden_size=64)
+    arch = parse_config(config)
+    from elastic_cli.quantize.policy import servable_tp_degrees
+
+    nvfp4_plan = plan_quantization(arch, header_only(config), "nvfp4", "experts")
+    fp8_plan = plan_quantization(arch, header_only(config), "fp8", "experts")
+    nvfp4_blocked = servable_tp_degrees(nvfp4_plan)
+    fp8_blocked = servable_tp_degrees(fp8_plan)
+
+    # down_proj is row-parallel with 48 inputs: 3 NVFP4 blocks cannot be split over 2 ranks.
+    assert nvfp4_blocked[1] == []
+    assert any("down_proj" in name for name in nvfp4_blocked[2])
+    assert fp8_blocked[2] == []
+    assert fp8_blocked[8] == []
+    # up_proj is column-parallel: its 48 rows split evenly over 8 ranks.
+    assert not any("up_proj" in name for name in nvfp4_blocked[8])
+
+
+def test_budget_spec_becomes_stored_masks(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    write_checkpoint(folder, tiny_config("MEM*E"), seed=2)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"budgets": [{"name": "full", "keep": {}}, {"name": "half", "keep": {"hidden": 64, "experts": 4}}]}))
+    opts = QuantizeOptions(format="fp8", recipe="experts")
+    source = open_source(str(folder), budget_spec=spec, require_budgets=False)
+    try:
+        quantize_checkpoint(source, opts, tmp_path / "q", state=given_state(source, opts))
+    finally:
+        source.close()
+
+    masks = json.loads((tmp_path / "q" / "elastic_config.json").read_text())
+    assert [b["name"] for b in masks["budgets"]] == ["full", "half"]
+    assert masks["budgets"][1]["masks"]["hidden"] == "1" * 64 + "0" * 64

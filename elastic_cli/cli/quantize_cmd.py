@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from elastic_cli.cli.options import Quiet, Verbose, Checkpoint, DryRun, Json, Overwrite, Revision
+from elastic_cli.cli.options import BudgetSpec, Quiet, Verbose, Checkpoint, DryRun, Json, Overwrite, Revision
 from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
 from elastic_cli.elastic.source import open_source
-from elastic_cli.quantize.pipeline import QuantizeOptions, plan_for, predicted_sizes, quantize_checkpoint
+from elastic_cli.quantize.pipeline import QuantizeOptions, plan_for, predicted_sizes, quantize_checkpoint, tensor_parallel
 from elastic_cli.quantize.policy import RECIPES
 
 Format = Annotated[str, typer.Option("--format", "-f", help="Weight format: fp8 or nvfp4.", show_default=False)]
@@ -46,6 +46,7 @@ def quantize(
     calib_samples: CalibSamples = 64,
     calib_seq_len: CalibSeqLen = 256,
     revision: Revision = None,
+    budget_spec: BudgetSpec = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard file, such as 5GB.")] = "5GB",
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
@@ -76,11 +77,14 @@ def quantize(
         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"),
     )
-    source = open_source(checkpoint, revision, require_budgets=False)
+    source = open_source(checkpoint, revision, budget_spec, require_budgets=False)
     try:
         if dry_run:
             plan = plan_for(source, options)
-            data: dict[str, Any] = {"plan": plan.to_json(), "predicted_bytes": predicted_sizes(source, plan), "written": False}
+            data: dict[str, Any] = {
+                "plan": plan.to_json(), "predicted_bytes": predicted_sizes(source, plan), "written": False,
+                "tensor_parallel": tensor_parallel(source, plan),
+            }
         else:
             result = quantize_checkpoint(source, options, output, overwrite=overwrite)
             data = {
@@ -107,6 +111,9 @@ def _render(console: Console, data: dict[str, Any]) -> None:
     console.print(table)
     sizes = ", ".join(f"{name} {format_bytes(size)}" for name, size in data["predicted_bytes"].items())
     console.print(f"predicted size: {sizes}")
+    for name, entry in (data.get("tensor_parallel") or {}).items():
+        blocked = "; ".join(f"TP {tp}: {', '.join(names)}" for tp, names in entry["blocked_by"].items())
+        console.print(f"{name}: servable at TP {entry['degrees']}" + (f" (blocked {blocked})" if blocked else ""))
     if data["written"]:
         console.print(f"wrote {data['path']} ({format_bytes(data['bytes'])}): {', '.join(data['files'])}")
         if data.get("unreached_experts"):

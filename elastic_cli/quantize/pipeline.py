@@ -20,14 +20,14 @@ from elastic_cli import __version__
 from elastic_cli.checkpoint.manifest import MANIFEST_FILE, file_digest, write_manifest
 from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
-from elastic_cli.elastic.masks import MASKS_FILE
+from elastic_cli.elastic.masks import MASKS_FILE, budgets_to_document
 from elastic_cli.elastic.plan import build_plan, check_sliceable
 from elastic_cli.elastic.source import ElasticSource, refuse_quantized
 from elastic_cli.errors import CheckpointError, ElasticError, UnsupportedError
 from elastic_cli.formats import FormatError
 from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
 from elastic_cli.quantize import export
-from elastic_cli.quantize.policy import QuantPlan, plan_quantization, predict_bytes
+from elastic_cli.quantize.policy import QuantPlan, plan_quantization, predict_bytes, servable_tp_degrees
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,22 @@ def predicted_sizes(source: ElasticSource, plan: QuantPlan) -> dict[str, int]:
         child = {t.source: (t.dtype, t.target_shape) for t in slice_plan.tensors}
         sizes[budget.name] = predict_bytes(plan, child)
     return sizes
+
+
+def tensor_parallel(source: ElasticSource, plan: QuantPlan) -> dict[str, dict[str, Any]]:
+    """Report, for the parent and every budget, the tensor-parallel degrees it can be served at."""
+    def summary(blockers: dict[int, list[str]]) -> dict[str, Any]:
+        return {
+            "degrees": [tp for tp, names in blockers.items() if not names],
+            "blocked_by": {str(tp): names[:3] for tp, names in blockers.items() if names},
+        }
+
+    report = {"parent": summary(servable_tp_degrees(plan))}
+    for budget in source.budgets:
+        slice_plan = build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget)
+        shapes = {t.source[: -len(".weight")]: t.target_shape for t in slice_plan.tensors if t.source.endswith(".weight")}
+        report[budget.name] = summary(servable_tp_degrees(plan, shapes))
+    return report
 
 
 def unaligned_cuts(source: ElasticSource, plan: QuantPlan) -> list[str]:
@@ -262,6 +278,10 @@ def quantize_checkpoint(
         copy_sidecars(sidecars, temp)
         if source.budgets_from == MASKS_FILE:
             copy_sidecars([source.checkpoint.root / MASKS_FILE], temp)
+        elif source.budgets:
+            # Budgets from a spec become stored masks, so the output is an elastic checkpoint.
+            document_masks = budgets_to_document(source.budgets, source.arch)
+            write_text(temp / MASKS_FILE, json.dumps(document_masks, indent=1, sort_keys=True) + "\n")
         write_text(temp / "README.md", render_quantized_card(source, plan, options))
         manifest = write_manifest(temp, provenance(source, plan, options), writer.digests)
         files = sorted([*manifest["files"], MANIFEST_FILE])

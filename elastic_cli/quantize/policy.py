@@ -309,3 +309,41 @@ def count_by_kind(plan: QuantPlan) -> dict[str, dict[str, dict[str, int]]]:
         entry["modules"] += 1
         entry["params"] += math.prod(decision.shape)
     return {kind: dict(sorted(formats.items())) for kind, formats in sorted(counts.items())}
+
+
+TP_DEGREES = (1, 2, 4, 8)
+# Row-parallel Linears split their input across ranks; the others split their output.
+ROW_PARALLEL = ("out_proj", "o_proj", "down_proj")
+
+
+def servable_tp_degrees(plan: QuantPlan, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[int, list[str]]:
+    """Check which tensor-parallel degrees every quantized module can be split across.
+
+    A row-parallel module (``out_proj``, ``o_proj``, ``down_proj``) gives each rank
+    ``in / tp`` input columns, which NVFP4 needs in whole blocks of 16 (FP8 needs a whole
+    number); the other modules give each rank ``out / tp`` rows.
+
+    Args:
+        plan: The quantization plan.
+        shapes: Module name to weight shape, for a sliced child (default: the plan's shapes).
+
+    Returns:
+        Each degree of :data:`TP_DEGREES` mapped to the modules that block it (empty when
+        servable).
+    """
+    blockers: dict[int, list[str]] = {tp: [] for tp in TP_DEGREES}
+    for decision in plan.decisions:
+        if decision.format is None or (shapes is not None and decision.module not in shapes):
+            continue
+        shape = decision.shape if shapes is None else shapes[decision.module]
+        out_features, in_features = shape
+        row_parallel = decision.module.rsplit(".", 1)[-1] in ROW_PARALLEL
+        for tp in TP_DEGREES:
+            if row_parallel:
+                unit = tp * (NVFP4_BLOCK_SIZE if decision.format == "nvfp4" else 1)
+                ok = in_features % unit == 0
+            else:
+                ok = out_features % tp == 0
+            if not ok:
+                blockers[tp].append(f"{decision.module} {list(shape)}")
+    return blockers
