@@ -42,8 +42,8 @@ def write_manifest(folder: Path, provenance: dict[str, Any], known: dict[str, tu
     """
     files = {}
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        if path.name == MANIFEST_FILE or not path.is_file():
-            continue
+        if path.name == MANIFEST_FILE or path.name.startswith(".") or not path.is_file():
+            continue  # hidden files are bookkeeping of an unfinished run (the resume journal)
         sha256, size = (known or {}).get(path.name) or file_digest(path)
         files[path.name] = {"sha256": sha256, "size": size}
     document = {

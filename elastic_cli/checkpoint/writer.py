@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -76,17 +76,25 @@ class ShardedWriter:
 
     Use as a context manager; :meth:`finish` closes the last shard and writes the index. A tensor
     that arrives out of order or with the wrong shape or dtype raises immediately, naming it.
+
+    With a resume journal, shards it records as finished are not written again (their tensors
+    are checked for order and skipped), and each shard is recorded as it closes.
     """
 
-    def __init__(self, folder: Path, layout: ShardLayout) -> None:
+    def __init__(self, folder: Path, layout: ShardLayout, journal: Any = None, prefix: str = "") -> None:
         self.folder = folder
         self.layout = layout
+        self._journal = journal
+        self._prefix = prefix  # the folder's path inside the journal's folder, "" or "budget/"
+        self._done = {file for file, _ in layout.shards if journal is not None and journal.is_done(prefix + file)}
+        self._weight_map = layout.weight_map
         self._queue = [(file, entry) for file, entries in layout.shards for entry in entries]
         self._position = 0
         self._handle: BinaryIO | None = None
         self._file: str | None = None
         self._hash = hashlib.sha256()
-        self.digests: dict[str, tuple[str, int]] = {}  # shard file -> (sha256, size), filled as shards close
+        # shard file -> (sha256, size), filled as shards close (or from the journal when reused)
+        self.digests: dict[str, tuple[str, int]] = {file: journal.done[prefix + file] for file in self._done}
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -95,6 +103,10 @@ class ShardedWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def is_done(self, name: str) -> bool:
+        """True when the tensor's shard was finished by an earlier, interrupted run."""
+        return self._weight_map.get(name) in self._done
 
     @property
     def next_name(self) -> str | None:
@@ -107,8 +119,10 @@ class ShardedWriter:
         """Append one tensor; it must be the next one of the layout."""
         self.write_bytes(name, TORCH_TO_DTYPE.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape), tensor_bytes(tensor))
 
-    def write_bytes(self, name: str, dtype: str, shape: tuple[int, ...], data: bytes | bytearray | memoryview) -> None:
-        """Append one tensor given as raw little-endian bytes."""
+    def write_bytes(
+        self, name: str, dtype: str, shape: tuple[int, ...], data: bytes | bytearray | memoryview | None
+    ) -> None:
+        """Append one tensor given as raw little-endian bytes (``None`` only for a finished shard's tensor)."""
         if self._position >= len(self._queue):
             raise OutputError(f"tensor '{name}' was not planned for this output", "this is a bug in elastic; please report it")
         file, (expected_name, expected_dtype, expected_shape) = self._queue[self._position]
@@ -118,6 +132,9 @@ class ShardedWriter:
                 f"'{expected_name}' {expected_dtype}{list(expected_shape)}",
                 "this is a bug in elastic; please report it",
             )
+        if file in self._done:
+            self._position += 1
+            return
         if file != self._file:
             self._open_shard(file)
         assert self._handle is not None
@@ -156,6 +173,8 @@ class ShardedWriter:
             self._handle = None
         assert self._file is not None
         self.digests[self._file] = (self._hash.hexdigest(), self._size)
+        if self._journal is not None:
+            self._journal.record(self._prefix + self._file, *self.digests[self._file])
 
     def finish(self) -> None:
         """Close the last shard and write the index (only when there is more than one shard)."""

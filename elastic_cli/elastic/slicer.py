@@ -19,10 +19,12 @@ import torch
 from elastic_cli import __version__
 from elastic_cli.checkpoint.manifest import MANIFEST_FILE, write_manifest
 from elastic_cli.checkpoint.reader import read_json
-from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
+from elastic_cli.checkpoint.output import REGENERATED, copy_sidecars, list_sidecars
+from elastic_cli.checkpoint.resume import input_fingerprint, resumable_folder, run_key
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.modelcard import render_model_card
 from elastic_cli.elastic.plan import Keep, SlicePlan, TensorSlice, build_plan, check_sliceable
+from elastic_cli.elastic.masks import budgets_to_document
 from elastic_cli.elastic.source import ElasticSource
 from elastic_cli.errors import CheckpointError
 from elastic_cli.quantize import export
@@ -92,11 +94,25 @@ def slice_checkpoint(
     state_document = _optional_json(source.checkpoint.root / export.STATE_FILE)
     layouts = [plan_shards([(t.target, t.dtype, t.target_shape) for t in plan.tensors], max_shard_bytes) for plan in plans]
 
-    with atomic_folder(output, overwrite) as temp:
+    key = run_key(
+        {
+            "kind": "slice",
+            "version": __version__,
+            "inputs": input_fingerprint(source.checkpoint.root, source.checkpoint.tensors, source.checkpoint.config),
+            "budgets": budgets_to_document(source.select([plan.budget for plan in plans]), source.arch),
+            "nested": nested,
+            "max_shard_bytes": max_shard_bytes,
+        }
+    )
+    with resumable_folder(output, overwrite, key) as journal:
+        temp = journal.folder
         folders = {name: temp / path.relative_to(output) for name, path in output_folders(output, plans, nested).items()}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-        writers = [ShardedWriter(folders[plan.budget], layout) for plan, layout in zip(plans, layouts)]
+        writers = [
+            ShardedWriter(folders[plan.budget], layout, journal, _prefix(folders[plan.budget], temp))
+            for plan, layout in zip(plans, layouts)
+        ]
         _stream(source, plans, writers)
 
         results = []
@@ -133,6 +149,11 @@ def slice_checkpoint(
     return results
 
 
+def _prefix(folder: Path, root: Path) -> str:
+    relative = folder.relative_to(root).as_posix()
+    return "" if relative == "." else relative + "/"
+
+
 def _optional_json(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -152,6 +173,12 @@ def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[Sharded
     checkpoint = source.checkpoint
     for name in checkpoint.tensors:
         targets = by_source.get(name)
+        if not targets:
+            continue
+        finished = [(position, tensor) for position, tensor in targets if writers[position].is_done(tensor.target)]
+        for position, tensor in finished:
+            writers[position].write_bytes(tensor.target, tensor.dtype, tensor.target_shape, None)
+        targets = [target for target in targets if target not in finished]
         if not targets:
             continue
         info = checkpoint.tensors[name]

@@ -18,7 +18,8 @@ import torch
 
 from elastic_cli import __version__
 from elastic_cli.checkpoint.manifest import MANIFEST_FILE, file_digest, write_manifest
-from elastic_cli.checkpoint.output import REGENERATED, atomic_folder, copy_sidecars, list_sidecars
+from elastic_cli.checkpoint.output import REGENERATED, copy_sidecars, list_sidecars
+from elastic_cli.checkpoint.resume import Journal, input_fingerprint, resumable_folder, run_key
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.masks import MASKS_FILE, budgets_to_document
 from elastic_cli.elastic.plan import build_plan, check_sliceable
@@ -251,24 +252,28 @@ def quantize_checkpoint(
             "use masks that keep whole blocks of 16 channels, or slice each budget first and quantize the children",
         )
 
-    if state is None:
-        log.info("calibrating %d module(s) over %d budget(s)", len(plan.quantized), max(1, len(source.budgets)))
-        state = calibrate_state(source, plan, options)
-    else:
-        state = QuantizerState(dict(state.modules), dict(state.kv_amax), dict(state.unreached_experts), dict(state.calibration))
-        missing = [m for m in plan.quantized if m not in state.modules]
-        if missing:
-            raise CheckpointError(f"the quantizer state has no scales for module {missing[0]}", "calibrate instead of reusing a state")
-    _share_fused(source, plan, state)
-
+    given = state
+    key = run_key(
+        {
+            "kind": "quantize",
+            "version": __version__,
+            "inputs": input_fingerprint(source.checkpoint.root, source.checkpoint.tensors, source.checkpoint.config),
+            "budgets": budgets_to_document(source.budgets, source.arch) if source.budgets else None,
+            "options": provenance(source, plan, options)["options"],
+            "state": given.to_json() if given is not None else None,
+        }
+    )
     entries = _output_entries(source, plan)
     layout = plan_shards(entries, options.max_shard_bytes)
     sidecars = list_sidecars(source.checkpoint.root, source.origin.trust_root, REGENERATED | {export.QUANT_CONFIG_FILE, export.STATE_FILE})
     document = export.hf_quant_config(plan)
 
-    with atomic_folder(output, overwrite) as temp:
-        with ShardedWriter(temp, layout) as writer:
-            _stream(source, plan, state, writer)
+    with resumable_folder(output, overwrite, key) as journal:
+        temp = journal.folder
+        state = _initial_state(source, plan, options, given, journal)
+        _share_fused(source, plan, state)
+        with ShardedWriter(temp, layout, journal) as writer:
+            _stream(source, plan, state, writer, journal)
             writer.finish()
         config = dict(source.checkpoint.config)
         config["quantization_config"] = export.quantization_config(document)
@@ -341,25 +346,64 @@ def render_quantized_card(source: ElasticSource, plan: QuantPlan, options: Quant
     return "\n".join(lines)
 
 
+def _initial_state(
+    source: ElasticSource, plan: QuantPlan, options: QuantizeOptions, given: QuantizerState | None, journal: Journal
+) -> QuantizerState:
+    """Return the state to export with: the given one, a resumed run's, or a fresh calibration."""
+    if given is not None:
+        missing = [m for m in plan.quantized if m not in given.modules]
+        if missing:
+            raise CheckpointError(f"the quantizer state has no scales for module {missing[0]}", "calibrate instead of reusing a state")
+        state = QuantizerState(dict(given.modules), dict(given.kv_amax), dict(given.unreached_experts), dict(given.calibration))
+    elif "calibration" in journal.extra:
+        log.info("resume: reusing the calibration of the interrupted run")
+        state = QuantizerState.from_json(journal.extra["calibration"])
+    else:
+        log.info("calibrating %d module(s) over %d budget(s)", len(plan.quantized), max(1, len(source.budgets)))
+        state = calibrate_state(source, plan, options)
+        journal.save_extra("calibration", state.to_json())
+    for module, amax in journal.extra.get("weight_amax", {}).items():
+        if module in state.modules and state.modules[module].weight_amax <= 0:
+            scales = state.modules[module]
+            state.modules[module] = export.ModuleScales(scales.format, float(amax), scales.input_amax)
+    return state
+
+
+def _entries_of(name: str, info: Any, decision: Any, plan: QuantPlan) -> list[tuple[str, str, tuple[int, ...]]]:
+    """List what one source tensor becomes on disk, in write order."""
+    if decision is not None and decision.format is not None:
+        entries = export.output_entries(decision, info.dtype)
+    else:
+        entries = [(name, info.dtype, info.shape)]
+    if plan.kv_cache_quant_algo:
+        kv = export.kv_scale_entry(name)
+        if kv is not None:
+            entries.append(kv)
+    return entries
+
+
 def _output_entries(source: ElasticSource, plan: QuantPlan) -> list[tuple[str, str, tuple[int, ...]]]:
     decisions = {f"{d.module}.weight": d for d in plan.decisions}
     entries = []
     for name, info in source.checkpoint.tensors.items():
-        decision = decisions.get(name)
-        if decision is not None and decision.format is not None:
-            entries.extend(export.output_entries(decision, info.dtype))
-        else:
-            entries.append((name, info.dtype, info.shape))
-        if plan.kv_cache_quant_algo:
-            kv = export.kv_scale_entry(name)
-            if kv is not None:
-                entries.append(kv)
+        entries.extend(_entries_of(name, info, decisions.get(name), plan))
     return entries
 
 
-def _stream(source: ElasticSource, plan: QuantPlan, state: QuantizerState, writer: ShardedWriter) -> None:
+def _stream(source: ElasticSource, plan: QuantPlan, state: QuantizerState, writer: ShardedWriter, journal: Journal) -> None:
     decisions = {f"{d.module}.weight": d for d in plan.decisions if d.format is not None}
+    finished_shards = len(writer.digests)
     for name, info in source.checkpoint.tensors.items():
+        outputs_of = _entries_of(name, info, decisions.get(name), plan)
+        if all(writer.is_done(target) for target, _, _ in outputs_of):
+            for target, dtype, shape in outputs_of:
+                writer.write_bytes(target, dtype, shape, None)
+            continue
+        if len(writer.digests) != finished_shards:
+            # Weight amax values fix scales written into finished shards; a resumed run needs them.
+            finished_shards = len(writer.digests)
+            amax = {m: s.weight_amax for m, s in state.modules.items() if s.weight_amax > 0}
+            journal.save_extra("weight_amax", dict(sorted(amax.items())))
         tensor = source.checkpoint.read(name)
         problem = export.check_weight_finite(name, tensor)
         if problem is not None:
