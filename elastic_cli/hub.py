@@ -30,7 +30,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
-    """Where a checkpoint lies on disk and where it came from.
+    """Location on disk and origin of a resolved checkpoint.
 
     Attributes:
         path: The folder holding ``config.json`` and the shards.

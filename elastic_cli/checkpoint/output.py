@@ -1,8 +1,9 @@
-"""Atomic output folders and sidecar files.
+"""Output destinations and sidecar files.
 
-Everything is written into a hidden temporary folder beside the destination and renamed into
-place in one step once complete, so a destination either holds a finished artifact or does not
-exist. A failure or an interrupt removes the temporary folder.
+Outputs are written into a hidden folder beside the destination and renamed into place in one
+step once complete (see ``elastic_cli.checkpoint.resume``), so a destination either contains a
+finished artifact or does not exist. This module checks destinations, replaces them, removes
+temporary folders that killed runs left behind, and copies sidecar files.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from elastic_cli.checkpoint.writer import output_error
@@ -44,30 +43,6 @@ def check_destination(output: Path, overwrite: bool) -> None:
         ) from error
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write output {output}: {parent} is not writable", "choose a writable --output folder")
-
-
-@contextmanager
-def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``output`` when the block completes.
-
-    On any exception (``KeyboardInterrupt`` included) the temporary folder is removed and the
-    destination is left as it was.
-    """
-    check_destination(output, overwrite)
-    remove_stale_partials(output)
-    temp = output.parent / f".{output.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        temp.mkdir()
-    except OSError as error:
-        raise OutputError(
-            f"cannot write output {output}: {error.strerror or error}", "choose a writable --output folder"
-        ) from error
-    try:
-        yield temp
-        _replace(temp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
 
 
 def remove_stale_partials(output: Path) -> None:

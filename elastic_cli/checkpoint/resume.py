@@ -6,7 +6,7 @@ options). Each finished shard is recorded, with its sha256, in a journal inside 
 When a run fails or is interrupted, unfinished files are removed and finished shards stay; the
 next run with the same key re-checks their hashes and writes only what is missing. A run with
 another key (changed inputs or options) removes the old folder and starts fresh. On success the
-folder is renamed to the destination in one step, as with :func:`atomic_folder`.
+folder is renamed to the destination in one step.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ SHARD_METADATA = {"format": "pt"}
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Which tensor goes to which shard file, in write order.
+    """Assignment of tensors to shard files, in write order.
 
     Attributes:
         shards: ``(file name, ((tensor name, dtype, shape), ...))`` per shard.

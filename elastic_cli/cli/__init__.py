@@ -13,6 +13,7 @@ from rich.markup import escape
 from elastic_cli import __version__
 from elastic_cli.cli.inspect_cmd import inspect
 from elastic_cli.cli.output import configure_logging, stderr
+from elastic_cli.cli.push_cmd import push
 from elastic_cli.cli.quantize_cmd import quantize
 from elastic_cli.cli.slice_cmd import slice_
 from elastic_cli.cli.verify_cmd import verify
@@ -30,6 +31,7 @@ app.command("inspect")(inspect)
 app.command("slice")(slice_)
 app.command("quantize")(quantize)
 app.command("verify")(verify)
+app.command("push")(push)
 
 
 def _version(value: bool) -> None:

@@ -103,7 +103,7 @@ def open_source(
     return ElasticSource(origin, checkpoint, arch, budgets, budgets_from, problems)
 
 
-def refuse_quantized(source: ElasticSource) -> None:
+def reject_quantized(source: ElasticSource) -> None:
     """Raise :class:`UnsupportedError` when the checkpoint is already quantized."""
     marker = source.quantization()
     if marker is not None:

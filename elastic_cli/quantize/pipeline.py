@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from elastic_cli import __version__
 from elastic_cli.checkpoint.manifest import MANIFEST_FILE, file_digest, write_manifest
@@ -23,7 +22,7 @@ from elastic_cli.checkpoint.resume import Journal, input_fingerprint, resumable_
 from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.masks import MASKS_FILE, budgets_to_document
 from elastic_cli.elastic.plan import build_plan, check_sliceable
-from elastic_cli.elastic.source import ElasticSource, refuse_quantized
+from elastic_cli.elastic.source import ElasticSource, reject_quantized
 from elastic_cli.errors import CheckpointError, ElasticError, UnsupportedError
 from elastic_cli.formats import FormatError
 from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
@@ -106,7 +105,7 @@ class QuantizeResult:
 
 def plan_for(source: ElasticSource, options: QuantizeOptions) -> QuantPlan:
     """Check the input and decide every module's format, from headers alone."""
-    refuse_quantized(source)
+    reject_quantized(source)
     if source.problems:
         check_sliceable(source.problems, source.origin.name)
     return plan_quantization(
