@@ -265,9 +265,7 @@ def check_weight_finite(name: str, weight: torch.Tensor) -> str | None:
 
 def weight_amax(weight: torch.Tensor) -> float:
     """Return max |weight| as a Python float (computed in fp32)."""
-    if weight.numel() == 0:
-        return 0.0
-    return float(weight.abs().amax().float())
+    return float(fp8.amax(weight))
 
 
 def bytes_of(entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
