@@ -183,14 +183,23 @@ def calibrate(
     stats = _Observations()
     cutter = TensorCutter()
     layer_tensors = _names_by_layer(checkpoint.tensors)
-    with torch.inference_mode():
-        _embed(source, runs, token_ids, cutter)
-        for layer in range(arch.num_layers):
-            _run_layer(source, layer, layer_tensors.get(layer, []), runs, stats, cutter, kv_cache, micro_batch, device)
-            if progress is not None:
-                progress(layer + 1, arch.num_layers)
-        if LM_HEAD in modules:
-            _observe_lm_head(source, runs, stats, cutter)
+    # CPU matmuls round differently with different thread counts, which would change the amax
+    # values and so the exported bytes; one thread makes calibration independent of
+    # OMP_NUM_THREADS on a given machine.
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            _embed(source, runs, token_ids, cutter)
+            for layer in range(arch.num_layers):
+                _run_layer(source, layer, layer_tensors.get(layer, []), runs, stats, cutter, kv_cache, micro_batch, device)
+                if progress is not None:
+                    progress(layer + 1, arch.num_layers)
+            if LM_HEAD in modules:
+                _observe_lm_head(source, runs, stats, cutter)
+    finally:
+        torch.set_num_threads(threads)
 
     filled, unreached = fill_unreached_experts(arch, stats.input_amax, stats.reached, [run.layer_keep for run in runs])
     input_amax = {name: filled[name] for name in sorted(modules)}
