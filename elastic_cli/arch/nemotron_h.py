@@ -177,7 +177,10 @@ def parse_tensor_name(name: str) -> TensorName | None:
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders numeric name parts as numbers (``layers.9`` before ``layers.10``)."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+    return tuple(
+        (0, int(part), "") if part.isascii() and part.isdigit() and len(part) < 20 else (1, 0, part)
+        for part in name.split(".")
+    )
 
 
 @dataclass(frozen=True)
@@ -307,9 +310,15 @@ def _field(config: dict[str, Any], *keys: str, default: Any = None, required: bo
     )
 
 
+# Far above any real width (Nemotron widths are below 2**18), low enough that masks fit in memory.
+MAX_CONFIG_INT = 2**24
+MAX_VOCAB = 2**32
+
+
 def _positive_int(config: dict[str, Any], value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"config.json field '{key}' is {value!r}", "it must be a positive integer")
+    limit = MAX_VOCAB if key == "vocab_size" else MAX_CONFIG_INT
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+        raise ConfigError(f"config.json field '{key}' is {value!r}", f"it must be a positive integer up to {limit}")
     return value
 
 
@@ -340,7 +349,7 @@ def read_layer_kinds(config: dict[str, Any]) -> tuple[str, tuple[LayerKind, ...]
 
     kinds_from_types = None
     if block_types is not None:
-        if not isinstance(block_types, list) or any(name not in NATIVE_NAMES for name in block_types):
+        if not isinstance(block_types, list) or any(not isinstance(name, str) or name not in NATIVE_NAMES for name in block_types):
             raise ConfigError(
                 f"config.json 'layers_block_type' is {block_types!r}",
                 "every entry must be one of linear_attention, full_attention, mlp, moe",

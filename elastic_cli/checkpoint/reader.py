@@ -28,12 +28,16 @@ SINGLE_NAME = "model.safetensors"
 
 def read_json(path: Path, what: str) -> Any:
     """Read a JSON file, raising :class:`CheckpointError` with the path on any failure."""
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file", "replace it with the JSON file itself")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as error:
         raise CheckpointError(f"{what} not found: {path}", "check the checkpoint folder") from error
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}", "check permissions") from error
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is not UTF-8 text", "fix or restore the file") from error
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -41,6 +45,8 @@ def read_json(path: Path, what: str) -> Any:
             f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})",
             "fix or restore the file",
         ) from error
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{path} cannot be parsed: {error.__class__.__name__}", "fix or restore the file") from error
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -119,6 +125,8 @@ class Checkpoint:
             if not path.exists():
                 raise CheckpointError(f"shard {shard} listed in {INDEX_NAME} is missing from {root}", "download it again")
             check_inside(trust, path)
+            if not path.is_file():
+                raise CheckpointError(f"shard {shard} is not a regular file", "replace it with the safetensors file itself")
             header = read_header(path)
             for name, info in header.tensors.items():
                 if name in tensors:

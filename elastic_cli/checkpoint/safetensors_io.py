@@ -82,6 +82,8 @@ def read_header(path: Path) -> SafetensorsHeader:
     Raises:
         CheckpointError: If the file is missing, truncated, or its header is malformed.
     """
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file", "replace it with the safetensors file itself")
     try:
         file_size = path.stat().st_size
         with path.open("rb") as handle:
@@ -103,7 +105,7 @@ def read_header(path: Path) -> SafetensorsHeader:
 
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError covers JSON and UTF-8 decoding errors
         raise CheckpointError(
             f"{path} has a corrupted header ({error.__class__.__name__})",
             "the file is damaged; download or copy it again",
@@ -120,7 +122,26 @@ def read_header(path: Path) -> SafetensorsHeader:
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _parse_entry(path, name, entry, data_start, data_size)
+    _check_layout(path, tensors, data_start, data_size)
     return SafetensorsHeader(path=path, tensors=tensors, metadata=metadata, data_start=data_start)
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, data_size: int) -> None:
+    """Require the tensors to cover the data area exactly, back to back, as safetensors defines."""
+    position = data_start
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != position:
+            problem = "overlap the previous tensor" if info.begin < position else "leave a gap before it"
+            raise CheckpointError(
+                f"{path}: the data offsets of tensor '{name}' {problem} (byte {info.begin - data_start})",
+                "the file is damaged",
+            )
+        position = info.end
+    if position != data_start + data_size:
+        raise CheckpointError(
+            f"{path} has {data_start + data_size - position} byte(s) after the last tensor",
+            "the file is damaged or was appended to; download or copy it again",
+        )
 
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
@@ -129,7 +150,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(
             f"{path}: tensor '{name}' has dtype {dtype!r}",
             f"supported dtypes are {', '.join(DTYPES)}",

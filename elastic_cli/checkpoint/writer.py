@@ -207,7 +207,16 @@ def write_text(path: Path, text: str) -> None:
 
 
 def output_error(path: Path, error: OSError) -> OutputError:
-    """Describe a failed write: the path, the reason and what to do."""
+    """Describe a failed write: the path, the reason and what to do.
+
+    A path inside a run's hidden work folder (``.NAME.resume-KEY``) is reported at its final
+    place, ``NAME``, because the work folder is renamed or removed before the user reads it.
+    """
+    parts = list(path.parts)
+    for index, part in enumerate(parts):
+        if part.startswith(".") and ".resume-" in part:
+            parts[index] = part[1 : part.index(".resume-")]
+    path = Path(*parts)
     if error.errno == errno.ENOSPC:
         return OutputError(f"no space left on the device while writing {path}", "free space or choose another --output")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -53,13 +53,22 @@ class _Terminated(BaseException):
     """Raised inside the process on SIGTERM so that cleanup code runs as for Ctrl-C."""
 
 
+class _Interrupted(BaseException):
+    """Raised on SIGINT instead of KeyboardInterrupt, which click would turn into a silent exit."""
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    raise _Interrupted()
 
 
 def main() -> None:
     """Run the command line; expected failures print one ``Error:`` line and exit non-zero."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
     configure_logging(0, False)
     try:
         result = app(standalone_mode=False)
@@ -73,7 +82,7 @@ def main() -> None:
         if error.hint:
             stderr.print(f"Hint: {escape(error.hint)}", highlight=False)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         stderr.print("Interrupted; nothing was left half-written.", highlight=False)
         sys.exit(130)
     except _Terminated:

@@ -239,7 +239,7 @@ def _parse_budget_masks(
         {axis: _full(axis_length(arch, axis)) for axis in LAYER_AXES[kind]} for kind in arch.layer_kinds
     ]
     for key, axes in per_layer.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) < arch.num_layers):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 and int(key) < arch.num_layers):
             problems.append(MaskProblem(name, None, "per_layer", f"layer key {key!r} is not a layer index below {arch.num_layers}"))
             continue
         layer = int(key)
@@ -396,7 +396,7 @@ def _spec_budget(
             masks.append((axis, mask))
         layer_masks.append(tuple(masks))
     for key in per_layer:
-        if not (isinstance(key, str) and key.isdigit() and int(key) < arch.num_layers):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 10 and int(key) < arch.num_layers):
             problems.append(MaskProblem(name, None, "per_layer", f"layer key {key!r} is not a layer index below {arch.num_layers}"))
     return Budget(name, target, partial, hidden, layers, tuple(layer_masks))
 

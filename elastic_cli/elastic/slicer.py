@@ -21,7 +21,7 @@ from elastic_cli.checkpoint.manifest import MANIFEST_FILE, write_manifest
 from elastic_cli.checkpoint.reader import read_json
 from elastic_cli.checkpoint.output import REGENERATED, copy_sidecars, list_sidecars
 from elastic_cli.checkpoint.resume import input_fingerprint, resumable_folder, run_key
-from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, plan_shards, write_text
+from elastic_cli.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, output_error, plan_shards, write_text
 from elastic_cli.elastic.modelcard import render_model_card
 from elastic_cli.elastic.plan import Keep, SlicePlan, TensorSlice, build_plan, check_sliceable
 from elastic_cli.elastic.masks import budgets_to_document
@@ -108,7 +108,10 @@ def slice_checkpoint(
         temp = journal.folder
         folders = {name: temp / path.relative_to(output) for name, path in output_folders(output, plans, nested).items()}
         for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise output_error(folder, error) from error
         writers = [
             ShardedWriter(folders[plan.budget], layout, journal, _prefix(folders[plan.budget], temp))
             for plan, layout in zip(plans, layouts)
