@@ -19,9 +19,11 @@ $(BIN)/elastic: pyproject.toml
 install: $(BIN)/elastic
 
 demo: install
-	$(BIN)/python examples/build_example.py $(EXAMPLE)
 	$(BIN)/elastic inspect $(EXAMPLE)
-	$(BIN)/elastic slice $(EXAMPLE) --budget all --output $(DEMO_OUT) --overwrite
+	$(BIN)/elastic slice $(EXAMPLE) --budget all --output $(DEMO_OUT)/bf16 --overwrite
+	$(BIN)/elastic quantize $(EXAMPLE) --format nvfp4 --calib-samples 8 --calib-seq-len 128 --output $(DEMO_OUT)/nvfp4 --overwrite
+	$(BIN)/elastic slice $(DEMO_OUT)/nvfp4 --budget all --output $(DEMO_OUT)/nvfp4-children --overwrite
+	$(BIN)/elastic verify $(DEMO_OUT)/nvfp4-children/1.1M --parent $(DEMO_OUT)/nvfp4
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -30,4 +32,4 @@ bench: install
 	$(BIN)/python bench/slice_bench.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(EXAMPLE) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

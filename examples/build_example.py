@@ -1,12 +1,14 @@
-"""Build the embedded example: a small elastic NemotronH checkpoint with three nested budgets.
+"""Build a random-weight elastic NemotronH checkpoint with three nested budgets.
 
 The layer pattern follows Nemotron 3 Nano (Mamba-2, MoE and attention layers; GQA; grouped
 Mamba heads; top-k routed experts plus a shared expert) at a width that fits in a few MB. The
 weights are random but deterministic, so the same command always writes the same bytes.
 Budgets are named after their parameter counts, the way NVIDIA names the 30B/23B/12B children.
+The embedded example, ``examples/nano-elastic-tiny``, is the trained model that
+``examples/train_example.py`` writes; this script is for quick experiments without training.
 
 Usage:
-    python examples/build_example.py examples/nano-elastic-tiny
+    python examples/build_example.py /tmp/random-elastic
 """
 
 from __future__ import annotations
