@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from elastic_cli.cli import qad_options as q
 from elastic_cli.cli.options import BudgetSpec, Quiet, Verbose, Checkpoint, DryRun, Json, Overwrite, Revision
 from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
 from elastic_cli.elastic.source import open_source
@@ -53,6 +54,31 @@ def quantize(
     json: Json = False,
     verbose: Verbose = 0,
     quiet: Quiet = False,
+    qad: q.Qad = False,
+    qad_state: q.QadState = None,
+    qad_data: q.QadData = None,
+    qad_steps: q.QadSteps = None,
+    qad_tokens: q.QadTokens = None,
+    qad_seq_len: q.QadSeqLen = 4096,
+    qad_batch_size: q.QadBatchSize = 16,
+    qad_micro_batch: q.QadMicroBatch = None,
+    qad_lr: q.QadLr = 1e-5,
+    qad_min_lr: q.QadMinLr = 0.0,
+    qad_schedule: q.QadSchedule = "cosine",
+    qad_warmup_steps: q.QadWarmupSteps = 0,
+    qad_weight_decay: q.QadWeightDecay = 0.0,
+    qad_max_grad_norm: q.QadMaxGradNorm = 1.0,
+    qad_budget_probs: q.QadBudgetProbabilities = None,
+    qad_seed: q.QadSeed = 0,
+    qad_checkpoint_dir: q.QadCheckpointDir = None,
+    qad_checkpoint_every: q.QadCheckpointEvery = 0,
+    qad_keep_checkpoints: q.QadKeepCheckpoints = 2,
+    qad_resume: q.QadResume = False,
+    qad_stop_at_step: q.QadStopAtStep = None,
+    qad_log_every: q.QadLogEvery = 10,
+    qad_dtype: q.QadDtype = "float32",
+    qad_activation_checkpointing: q.QadActivationCheckpointing = False,
+    qad_device: q.QadDevice = "auto",
 ) -> None:
     """Quantize weights to FP8 or NVFP4 with calibrated activation scales.
 
@@ -66,6 +92,8 @@ def quantize(
         elastic quantize ./nano-12b --format fp8 --kv-cache fp8 --output ./nano-12b-fp8
 
         elastic quantize ./Nemotron-Elastic-30B --format nvfp4 --recipe mixed --dry-run
+
+        elastic quantize ./Nemotron-Elastic-30B --format nvfp4 --qad --qad-steps 1000 --output ./qad
     """
     configure_logging(verbose, quiet, keep_global=True)
     from elastic_cli.errors import UsageError
@@ -77,6 +105,34 @@ def quantize(
         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"),
     )
+    if qad and not dry_run:
+        from elastic_cli.qad import run_qad
+        from elastic_cli.qad.train import read_state_argument
+
+        qad_options = q.build_qad_options(
+            data=qad_data, steps=qad_steps, tokens=qad_tokens, seq_len=qad_seq_len, batch_size=qad_batch_size,
+            micro_batch=qad_micro_batch, lr=qad_lr, min_lr=qad_min_lr, schedule=qad_schedule,
+            warmup_steps=qad_warmup_steps, weight_decay=qad_weight_decay, max_grad_norm=qad_max_grad_norm,
+            budget_probabilities=qad_budget_probs, seed=qad_seed, checkpoint_dir=qad_checkpoint_dir,
+            checkpoint_every=qad_checkpoint_every, keep_checkpoints=qad_keep_checkpoints, resume=qad_resume,
+            stop_at_step=qad_stop_at_step, log_every=qad_log_every, dtype=qad_dtype,
+            activation_checkpointing=qad_activation_checkpointing, device=qad_device,
+        )
+        state = read_state_argument(qad_state) if qad_state else None
+        outcome = run_qad(checkpoint, options, output, qad_options, revision=revision, state=state, overwrite=overwrite)
+        if outcome.quantized is None:  # another rank under torchrun, or stopped early by --qad-stop-at-step
+            return
+        losses = {}
+        for record in outcome.history:
+            losses[record.budget] = record.loss
+        result = outcome.quantized
+        emit({
+            "source": checkpoint, "written": True, "path": str(result.path), "bytes": result.total_bytes,
+            "files": list(result.files), "plan": result.plan.to_json(), "predicted_bytes": result.predicted_bytes,
+            "qad": {"steps": outcome.steps, "tokens": outcome.tokens, "last_loss_per_budget": losses,
+                    "checkpoint": str(outcome.checkpoint) if outcome.checkpoint else None},
+        }, json, _render)
+        return
     source = open_source(checkpoint, revision, budget_spec, require_budgets=False)
     try:
         if dry_run:

@@ -60,7 +60,7 @@ from elastic_cli.quantize.pipeline import (
     QuantizeOptions,
     QuantizeResult,
     QuantizerState,
-    _share_fused,
+    share_fused,
     calibrate_state,
     load_state,
     plan_for,
@@ -552,7 +552,7 @@ def complete_state(source: ElasticSource, plan: QuantPlan, state: QuantizerState
                 f"the quantizer state quantizes {module} to {scales.format}, but this plan uses {decision.format}",
                 "pass the same --format and --recipe as the run that wrote the state",
             )
-    _share_fused(source, plan, state)
+    share_fused(source, plan, state)
     for module in plan.quantized:
         scales = state.modules[module]
         if scales.weight_amax <= 0:

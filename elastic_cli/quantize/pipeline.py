@@ -198,7 +198,7 @@ def calibrate_state(source: ElasticSource, plan: QuantPlan, options: QuantizeOpt
     return state
 
 
-def _share_fused(source: ElasticSource, plan: QuantPlan, state: QuantizerState) -> None:
+def share_fused(source: ElasticSource, plan: QuantPlan, state: QuantizerState) -> None:
     """Give fused partners (q/k/v) one weight amax and one input amax.
 
     Partners whose weight amax the state already fixes (a reused state) keep it.
@@ -270,7 +270,7 @@ def quantize_checkpoint(
     with resumable_folder(output, overwrite, key) as journal:
         temp = journal.folder
         state = _initial_state(source, plan, options, given, journal)
-        _share_fused(source, plan, state)
+        share_fused(source, plan, state)
         with ShardedWriter(temp, layout, journal) as writer:
             _stream(source, plan, state, writer, journal)
             writer.finish()
