@@ -277,6 +277,16 @@ class QADTrainer:
 
     # Checkpoints -----------------------------------------------------------------------
 
+    def options_record(self) -> dict[str, Any]:
+        """Describe the QAD options and progress for the artifact's manifest, without absolute paths."""
+        record = {}
+        for key, value in dataclasses.asdict(self.options).items():
+            if key in ("checkpoint_dir", "resume", "stop_at_step", "log_every", "device"):
+                continue
+            record[key] = value.name if isinstance(value, Path) else _jsonable(value)
+        record["steps_done"] = self.step
+        return record
+
     def fingerprint(self) -> dict[str, Any]:
         """Describe what makes a run's trajectory, so that a resume can check it continues the same run."""
         fields = dataclasses.asdict(self.options)
@@ -412,7 +422,8 @@ class QADTrainer:
             _warn_saturated(tensors, self.plan, self.state)
             overlay = _OverlayCheckpoint.wrap(self.source.checkpoint, tensors)
             student_source = dataclasses.replace(self.source, checkpoint=overlay)
-            return quantize_checkpoint(student_source, options, output, overwrite=overwrite, state=self.state)
+            qad_options = dataclasses.replace(options, method="quantization-aware distillation", training=self.options_record())
+            return quantize_checkpoint(student_source, qad_options, output, overwrite=overwrite, state=self.state)
 
         return distributed.run_on_main(write, self.context, "exporting")
 

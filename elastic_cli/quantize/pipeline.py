@@ -48,6 +48,8 @@ class QuantizeOptions:
     calib_samples: int = 64
     calib_seq_len: int = 256
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    method: str = "post-training quantization"
+    training: dict[str, Any] | None = None  # QAD options and progress, recorded in the manifest
 
 
 @dataclass
@@ -314,6 +316,8 @@ def provenance(source: ElasticSource, plan: QuantPlan, options: QuantizeOptions)
             "calib_samples": options.calib_samples,
             "calib_seq_len": options.calib_seq_len,
             "max_shard_bytes": options.max_shard_bytes,
+            "method": options.method,
+            "training": options.training,
         },
     }
 
@@ -334,8 +338,8 @@ def render_quantized_card(source: ElasticSource, plan: QuantPlan, options: Quant
         "",
         f"# {source.origin.name.split('/')[-1]}: {plan.quant_algo}",
         "",
-        f"`{source.origin.name}` (revision `{revision}`) quantized by elastic {__version__} with post-training",
-        f"quantization: format `{options.format}`, recipe `{options.recipe}`, KV cache "
+        f"`{source.origin.name}` (revision `{revision}`) quantized by elastic {__version__} with {options.method}:",
+        f"format `{options.format}`, recipe `{options.recipe}`, KV cache "
         f"`{plan.kv_cache_quant_algo or 'not quantized'}`. Weights, scales and `hf_quant_config.json` follow",
         "the ModelOpt unified Hugging Face layout that vLLM, TensorRT-LLM and SGLang load.",
         "",
