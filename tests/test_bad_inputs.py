@@ -3,7 +3,7 @@
 Every case damages a fresh copy of the tiny elastic checkpoint or passes a bad option. The
 command must exit with 1 (2 for usage errors) and print exactly one ``Error:`` line on stderr
 naming the offending value, with no traceback and nothing on stdout. It must leave neither the
-output folder nor a hidden ``.NAME.partial-*`` folder behind.
+output folder nor a hidden ``.NAME.resume-*`` work folder behind.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def assert_one_error(result: CliResult, *expected: str, exit_code: int = 1) -> s
 def assert_no_output(output: Path) -> None:
     """Check that neither the output folder nor a temporary folder beside it exists."""
     assert not output.exists(), f"a failed run left {output} behind"
-    leftovers = sorted(path.name for path in output.parent.glob(f".{output.name}.partial-*"))
+    leftovers = sorted(path.name for path in output.parent.glob(f".{output.name}.resume-*"))
     assert leftovers == [], f"a failed run left temporary folders {leftovers} beside {output}"
 
 
@@ -472,7 +472,7 @@ def test_existing_output_rejected(invoke_cli, elastic_checkpoint, tmp_path):
     assert "--overwrite" in result.stderr, f"the output does not suggest --overwrite:\n{result.stderr}"
     assert sorted(path.name for path in output.iterdir()) == ["keep.txt"], "the existing output was modified"
     assert (output / "keep.txt").read_text() == "user data\n", "the existing output's file was changed"
-    assert list(tmp_path.glob(".out.partial-*")) == [], "a rejected run left a temporary folder"
+    assert list(tmp_path.glob(".out.resume-*")) == [], "a rejected run left a work folder"
 
 
 def test_overwrite_replaces_existing_output(invoke_cli, elastic_checkpoint, tmp_path):

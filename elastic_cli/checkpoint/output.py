@@ -2,8 +2,8 @@
 
 Outputs are written into a hidden folder beside the destination and renamed into place in one
 step once complete (see ``elastic_cli.checkpoint.resume``), so a destination either contains a
-finished artifact or does not exist. This module checks destinations, replaces them, removes
-temporary folders that killed runs left behind, and copies sidecar files.
+finished artifact or does not exist. This module checks destinations, replaces them, and copies
+sidecar files.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from elastic_cli.errors import OutputError
 
 log = logging.getLogger(__name__)
 
-TEMP_MARKER = ".partial-"
 
 # Files that slicing regenerates or that belong to the parent only.
 REGENERATED = {"config.json", "model.safetensors.index.json", "README.md", "elastic_config.json", "elastic-manifest.json"}
@@ -45,31 +44,7 @@ def check_destination(output: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write output {output}: {parent} is not writable", "choose a writable --output folder")
 
 
-def remove_stale_partials(output: Path) -> None:
-    """Remove temporary folders that killed runs (SIGKILL, power loss) left beside ``output``.
-
-    A temporary folder is named ``.NAME.partial-PID-RANDOM``; it is stale when no process with
-    that PID is alive. Folders of live processes (a concurrent run) are left alone.
-    """
-    for path in output.parent.glob(f".{output.name}{TEMP_MARKER}*"):
-        pid_text = path.name[len(f".{output.name}{TEMP_MARKER}") :].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
-            continue
-        log.info("removing %s left by an interrupted run", path.name)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _replace(temp: Path, output: Path, overwrite: bool) -> None:
+def replace_destination(temp: Path, output: Path, overwrite: bool) -> None:
     _fsync_dir(temp)
     if output.exists():
         if not overwrite:

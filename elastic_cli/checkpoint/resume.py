@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_cli.checkpoint.manifest import file_digest
-from elastic_cli.checkpoint.output import _replace, check_destination, remove_stale_partials
+from elastic_cli.checkpoint.output import check_destination, replace_destination
 from elastic_cli.checkpoint.writer import output_error
 from elastic_cli.errors import OutputError
 
@@ -128,7 +128,6 @@ def resumable_folder(output: Path, overwrite: bool, key: str) -> Iterator[Journa
     run with the same key.
     """
     check_destination(output, overwrite)
-    remove_stale_partials(output)
     work = output.parent / f".{output.name}{RESUME_MARKER}{key[:16]}"
     for stale in output.parent.glob(f".{output.name}{RESUME_MARKER}*"):
         if stale != work:
@@ -142,7 +141,7 @@ def resumable_folder(output: Path, overwrite: bool, key: str) -> Iterator[Journa
     try:
         yield journal
         journal.close()
-        _replace(work, output, overwrite)
+        replace_destination(work, output, overwrite)
     except BaseException:
         journal.discard_unfinished()
         if not journal.done:
