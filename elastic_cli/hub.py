@@ -60,7 +60,7 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> ResolvedCheckp
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise CheckpointError(f"{spec} is a file, not a checkpoint folder", "pass the folder that holds config.json")
+            raise CheckpointError(f"{spec} is a file, not a checkpoint folder", "pass the folder that contains config.json")
         if revision is not None:
             raise UsageError(f"--revision {revision} applies to hub repo ids, not to the local folder {spec}", "drop --revision")
         return ResolvedCheckpoint(path=local, trust_root=local.resolve(), name=local.resolve().name, revision=None)

@@ -172,7 +172,7 @@ def importance_budgets(
 ) -> list[Budget]:
     """Build nested budgets that keep the most important ``fraction`` of each axis.
 
-    A random importance score per component stands in for the activation-based ranking of
+    A random importance score per component replaces the activation-based ranking of
     Minitron-style pruning; every budget keeps the top of the same ranking, so budgets nest.
     Counts respect the structural rules (the same count per Mamba group and per KV head,
     experts at least top-k) and are multiples of 16 where the width allows, so children stay

@@ -56,7 +56,7 @@ def cli(*args: str) -> None:
 
 
 def held_out_ids(folder: Path) -> torch.Tensor:
-    """Token windows from the end of the shipped text, which calibration (its start) never sees."""
+    """Return token windows from the end of the shipped text; calibration reads only its start."""
     texts = load_texts(None)
     return tokenize(texts[-40:], load_tokenizer(folder), samples=2, seq_len=48)
 

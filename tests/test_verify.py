@@ -22,28 +22,16 @@ from elastic_cli.elastic.slicer import plan_budgets, slice_checkpoint
 from elastic_cli.elastic.source import open_source
 from elastic_cli.errors import UsageError
 from elastic_cli.quantize import export
-from elastic_cli.quantize.pipeline import QuantizeOptions, QuantizerState, plan_for, quantize_checkpoint
+from elastic_cli.quantize.pipeline import QuantizeOptions, quantize_checkpoint
 from elastic_cli.synthetic import importance_budgets, tiny_config, write_checkpoint
 from elastic_cli.verify import CHECK_NAMES, verify_artifact
+from tests.test_quantize_export import given_state
 
 INDEX = "model.safetensors.index.json"
 SIDECARS = {"generation_config.json": '{"eos_token_id": 2}\n', "tokenizer_config.json": '{"eos_token": "</s>"}\n'}
 REPORT_KEYS = {"folder", "kind", "budget", "format", "parent", "ok", "checks", "problems"}
 # A module the default NVFP4 recipe quantizes (layer 1 is MoE in "MEM*EMEM*E").
 NVFP4_MODULE = "backbone.layers.1.mixer.experts.0.up_proj"
-
-
-def given_state(source, options: QuantizeOptions) -> QuantizerState:
-    """Return activation amax values per quantized module, as calibration would store them."""
-    plan = plan_for(source, options)
-    state = QuantizerState(calibration={"samples": 0, "tokens": 0, "budgets": []})
-    for index, decision in enumerate(plan.decisions):
-        if decision.format:
-            state.modules[decision.module] = export.ModuleScales(decision.format, 0.0, 1.0 + index / 5)
-    for decision in plan.decisions:
-        if decision.module.endswith("k_proj"):
-            state.kv_amax[decision.module.rsplit(".", 1)[0]] = (2.0, 3.0)
-    return state
 
 
 @pytest.fixture(scope="module")

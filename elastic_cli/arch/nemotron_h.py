@@ -54,7 +54,7 @@ KIND_TO_NATIVE = {kind: name for name, kind in NATIVE_NAMES.items()}
 
 
 class Dim(str, enum.Enum):
-    """What one dimension of a tensor indexes, and so how slicing cuts it."""
+    """Kind of index along one tensor dimension, which decides how slicing cuts it."""
 
     FULL = "full"  # never cut (vocab, conv kernel, KV heads)
     HIDDEN = "hidden"

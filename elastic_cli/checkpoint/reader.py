@@ -138,7 +138,7 @@ class Checkpoint:
                     listed = weight_map.get(name)
                     where = f"lists it in {listed}" if listed else "does not list it"
                     raise CheckpointError(
-                        f"shard {shard} holds tensor '{name}' but {INDEX_NAME} {where}",
+                        f"shard {shard} contains tensor '{name}' but {INDEX_NAME} {where}",
                         "the index and the shards disagree; download the checkpoint again",
                     )
                 tensors[name] = info

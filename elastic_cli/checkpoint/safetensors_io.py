@@ -43,7 +43,7 @@ ALIGNMENT = 8
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+    """Location of one tensor: file, dtype, shape and absolute byte range."""
 
     path: Path
     dtype: str

@@ -199,6 +199,11 @@ def parse_masks(document: Any, arch: NemotronHArch, source: str = MASKS_FILE) ->
             source,
         )
 
+    return _parse_budgets(document, source, "masks", "an object of axis masks", problems, _parse_budget_masks, arch)
+
+
+def _parse_budgets(document: dict, source: str, key: str, what: str, problems: list[MaskProblem], build, arch) -> list[Budget]:
+    """Parse every budget entry with ``build`` on its ``key`` object; raise with all problems at the end."""
     budgets = []
     seen: set[str] = set()
     for position, entry in enumerate(document["budgets"]):
@@ -206,11 +211,11 @@ def parse_masks(document: Any, arch: NemotronHArch, source: str = MASKS_FILE) ->
         if header is None:
             continue
         name, target, partial = header
-        masks = entry.get("masks", {})
-        if not isinstance(masks, dict):
-            problems.append(MaskProblem(name, None, None, "'masks' must be an object"))
+        body = entry.get(key, {})
+        if not isinstance(body, dict):
+            problems.append(MaskProblem(name, None, None, f"'{key}' must be {what}"))
             continue
-        budgets.append(_parse_budget_masks(arch, name, target, partial, masks, problems))
+        budgets.append(build(arch, name, target, partial, body, problems))
 
     if problems:
         raise MaskFormatError(problems, source)
@@ -338,21 +343,7 @@ def parse_budget_spec(document: Any, arch: NemotronHArch, source: str) -> list[B
     if not isinstance(document, dict) or not isinstance(document.get("budgets"), list) or not document["budgets"]:
         raise MaskFormatError([MaskProblem("-", None, None, "the file must be an object with a non-empty 'budgets' list")], source)
 
-    budgets = []
-    seen: set[str] = set()
-    for position, entry in enumerate(document["budgets"]):
-        header = _budget_header(entry, position, problems, seen)
-        if header is None:
-            continue
-        name, target, partial = header
-        keep = entry.get("keep", {})
-        if not isinstance(keep, dict):
-            problems.append(MaskProblem(name, None, None, "'keep' must be an object of axis counts"))
-            continue
-        budgets.append(_spec_budget(arch, name, target, partial, keep, problems))
-    if problems:
-        raise MaskFormatError(problems, source)
-    return budgets
+    return _parse_budgets(document, source, "keep", "an object of axis counts", problems, _spec_budget, arch)
 
 
 def _spec_budget(

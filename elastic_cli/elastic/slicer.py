@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SliceResult:
-    """What was written for one budget."""
+    """Summary of one written budget: path, parameter counts, bytes and files."""
 
     budget: str
     path: Path

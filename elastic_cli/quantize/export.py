@@ -1,6 +1,6 @@
 """Export to the ModelOpt unified Hugging Face layout that vLLM, TensorRT-LLM and SGLang load.
 
-This is the only module that knows the on-disk quantization names. Per quantized module
+This is the only module that contains the on-disk quantization names. Per quantized module
 ``M`` (hub names, ``backbone.`` prefix):
 
 NVFP4::

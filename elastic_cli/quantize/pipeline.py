@@ -95,7 +95,7 @@ class QuantizerState:
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    """What ``elastic quantize`` planned or wrote."""
+    """Outcome of ``elastic quantize``: the plan, predicted sizes and what was written."""
 
     plan: QuantPlan
     predicted_bytes: dict[str, int]
