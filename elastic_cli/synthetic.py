@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from elastic_cli.arch.nemotron_h import NemotronHArch, natural_key, parse_config, parse_tensor_name
-from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE, encode_header
+from elastic_cli.checkpoint.safetensors_io import encode_header
+from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
 from elastic_cli.checkpoint.writer import SHARD_METADATA, ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.masks import LAYER_AXES, MASKS_FILE, Axis, Budget, Mask, axis_length, budgets_to_document
 

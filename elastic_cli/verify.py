@@ -49,10 +49,11 @@ from elastic_cli.checkpoint.safetensors_io import TensorInfo, read_header
 from elastic_cli.checkpoint.writer import SHARD_METADATA, tensor_bytes
 from elastic_cli.elastic.masks import MASKS_FILE
 from elastic_cli.elastic.plan import check_tensors
-from elastic_cli.elastic.slicer import TensorCutter, plan_budgets
+from elastic_cli.elastic.slicer import plan_budgets
+from elastic_cli.elastic.tensor_cut import TensorCutter
 from elastic_cli.elastic.source import ElasticSource, open_source
 from elastic_cli.errors import CheckpointError, ElasticError, UsageError
-from elastic_cli.formats import FormatError
+from elastic_cli.formats.errors import FormatError
 from elastic_cli.quantize import export
 from elastic_cli.quantize.pipeline import QuantizerState, load_state
 from elastic_cli.quantize.policy import ModuleDecision

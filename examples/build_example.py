@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from elastic_cli.arch.nemotron_h import parse_config
-from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE, TensorInfo
+from elastic_cli.checkpoint.safetensors_io import TensorInfo
+from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
 from elastic_cli.elastic.masks import Budget
 from elastic_cli.elastic.plan import build_plan
 from elastic_cli.quantize.calib_data import load_texts

@@ -58,7 +58,8 @@ from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoTokenizer, NemotronHConfig
 
 from elastic_cli.arch.nemotron_h import LayerKind, NemotronHArch, parse_config
-from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE, TensorInfo
+from elastic_cli.checkpoint.safetensors_io import TensorInfo
+from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
 from elastic_cli.checkpoint.writer import ShardedWriter, plan_shards, write_text
 from elastic_cli.elastic.masks import LAYER_AXES, MASKS_FILE, Axis, Budget, Mask, budgets_to_document
 from elastic_cli.elastic.plan import Keep, SlicePlan, build_plan

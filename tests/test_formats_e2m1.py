@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from elastic_cli.formats import FormatError, e2m1
+from elastic_cli.formats import e2m1
+from elastic_cli.formats.errors import FormatError
 
 MAGNITUDE_CODES = [
     (0.0, 0b000),

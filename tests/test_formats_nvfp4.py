@@ -6,7 +6,8 @@ import pytest
 import torch
 from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-from elastic_cli.formats import FormatError, e2m1, nvfp4
+from elastic_cli.formats import e2m1, nvfp4
+from elastic_cli.formats.errors import FormatError
 
 FP8_ONE = 0x38  # float8_e4m3fn bit pattern of 1.0
 FP8_TWO = 0x40

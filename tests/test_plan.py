@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from elastic_cli.arch.nemotron_h import parse_config
-from elastic_cli.checkpoint.safetensors_io import TORCH_TO_DTYPE, TensorInfo
+from elastic_cli.checkpoint.safetensors_io import TensorInfo
+from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
 from elastic_cli.elastic.masks import LAYER_AXES, Axis, Budget, axis_length
 from elastic_cli.elastic.plan import build_plan
 from elastic_cli.elastic.validate import validate_budgets

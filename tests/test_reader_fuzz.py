@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from elastic_cli.checkpoint.reader import Checkpoint
-from elastic_cli.checkpoint.safetensors_io import DTYPES, encode_header, read_header
+from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES, encode_header, read_header
+from elastic_cli.checkpoint.torch_dtypes import TORCH_DTYPES
 from elastic_cli.errors import CheckpointError
 
 FUZZ_SETTINGS = settings(
@@ -71,8 +72,8 @@ def encode_file(entries: list[tuple[str, str, tuple[int, ...]]], data: bytes) ->
 def valid_files(draw: st.DrawFn) -> bytes:
     """A well-formed safetensors file of up to four small tensors with random bytes."""
     names = draw(st.lists(NAME, min_size=0, max_size=4, unique=True))
-    entries = [(name, draw(st.sampled_from(sorted(DTYPES))), tuple(draw(SHAPE))) for name in names]
-    size = sum(math.prod(shape) * DTYPES[dtype][1] for _, dtype, shape in entries)
+    entries = [(name, draw(st.sampled_from(sorted(DTYPE_SIZES))), tuple(draw(SHAPE))) for name in names]
+    size = sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape in entries)
     return encode_file(entries, draw(st.binary(min_size=size, max_size=size)))
 
 
@@ -114,7 +115,7 @@ def replaced_fields(draw: st.DrawFn) -> bytes:
     elif target == "tensor":
         header[draw(st.sampled_from(names))] = draw(JSON_VALUE)
     elif target == "dtype":
-        header[draw(st.sampled_from(names))]["dtype"] = draw(JSON_VALUE | st.sampled_from(sorted(DTYPES)))
+        header[draw(st.sampled_from(names))]["dtype"] = draw(JSON_VALUE | st.sampled_from(sorted(DTYPE_SIZES)))
     else:
         header[draw(st.sampled_from(names))][target] = draw(JSON_VALUE)
     return join_file(header, payload)
@@ -126,7 +127,7 @@ def random_headers(draw: st.DrawFn) -> bytes:
     header: dict[str, Any] = {}
     for name in draw(st.lists(NAME, max_size=4, unique=True)):
         header[name] = {
-            "dtype": draw(st.sampled_from([*sorted(DTYPES), "F4", "bf16", ""])),
+            "dtype": draw(st.sampled_from([*sorted(DTYPE_SIZES), "F4", "bf16", ""])),
             "shape": draw(st.lists(st.integers(-2, 6), max_size=3)),
             "data_offsets": draw(st.lists(st.integers(-4, 160), min_size=0, max_size=3)),
         }
@@ -145,7 +146,7 @@ def check_reader(folder: Path, data: bytes) -> None:
     if header is not None:
         for name, info in header.tensors.items():
             assert header.data_start <= info.begin <= info.end <= len(data), f"tensor {name!r} lies outside the file"
-            assert info.nbytes == info.numel * DTYPES[info.dtype][1], f"tensor {name!r} has the wrong byte count"
+            assert info.nbytes == info.numel * DTYPE_SIZES[info.dtype], f"tensor {name!r} has the wrong byte count"
 
     try:
         checkpoint = Checkpoint.open(folder)
@@ -157,7 +158,7 @@ def check_reader(folder: Path, data: bytes) -> None:
         assert sorted(checkpoint.tensors) == sorted(header.tensors), "Checkpoint.open lists other tensors"
         for name, info in checkpoint.tensors.items():
             tensor = checkpoint.read(name)
-            assert tensor.dtype == DTYPES[info.dtype][0], f"tensor {name!r} read back as {tensor.dtype}"
+            assert tensor.dtype == TORCH_DTYPES[info.dtype], f"tensor {name!r} read back as {tensor.dtype}"
             assert tuple(tensor.shape) == info.shape, f"tensor {name!r} read back with shape {tuple(tensor.shape)}"
             assert checkpoint.read_bytes(name) == data[info.begin : info.end], f"tensor {name!r} read other bytes"
 

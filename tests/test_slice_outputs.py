@@ -149,7 +149,7 @@ def test_budget_all_reads_each_tensor_once(parent, tmp_path, monkeypatch):
 
         return wrapper
 
-    for method in ("read", "read_bytes", "read_rows"):
+    for method in ("read", "read_bytes", "read_rows", "map_array"):
         monkeypatch.setattr(Checkpoint, method, counting(getattr(Checkpoint, method)))
     source = open_source(str(parent))
     try:
@@ -198,3 +198,27 @@ def test_sliced_values_match_direct_indexing(parent, children):
     path = next((children / "small").glob("*.safetensors"))
     with safe_open(path, "pt") as handle:
         assert handle.metadata() == {"format": "pt"}
+
+
+STARTUP_PROBE = """
+import runpy, sys
+sys.argv = ["elastic", *sys.argv[1:]]
+try:
+    runpy.run_module("elastic_cli", run_name="__main__", alter_sys=True)
+except SystemExit as exit_:
+    assert not exit_.code, exit_.code
+loaded = sorted(name for name in ("torch", "transformers") if name in sys.modules)
+print("loaded:", ",".join(loaded))
+"""
+
+
+@pytest.mark.parametrize("command", ["slice", "inspect"])
+def test_slice_and_inspect_never_import_torch(parent, tmp_path, command):
+    """torch's import costs seconds that slicing small outputs cannot afford."""
+    args = [str(parent), "--json"] if command == "inspect" else [str(parent), "--budget", "all", "--output", str(tmp_path / "out")]
+    completed = subprocess.run(
+        [sys.executable, "-c", STARTUP_PROBE, command, *args], capture_output=True, text=True, timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "loaded:", f"elastic {command} imported torch or transformers"

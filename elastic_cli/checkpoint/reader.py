@@ -2,22 +2,30 @@
 
 Opening a checkpoint reads ``config.json``, the shard index (or the single ``model.safetensors``)
 and every shard header; it reads no tensor data. :meth:`Checkpoint.read` then loads one tensor at
-a time, so memory stays bounded by the largest tensor.
+a time, so memory stays bounded by the largest tensor, and :meth:`Checkpoint.map_array` maps one
+without reading it. Only :meth:`read` and :meth:`read_rows`, which return torch tensors, import
+torch, so slicing starts without it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
+import numpy as np
 
 from elastic_cli.arch.nemotron_h import natural_key
-from elastic_cli.checkpoint.safetensors_io import DTYPES, TensorInfo, read_header
+from elastic_cli.checkpoint.safetensors_io import BITS_DTYPES, DTYPE_SIZES, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
 from elastic_cli.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -156,30 +164,33 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from disk into a new CPU tensor with its stored dtype and shape."""
+        import torch
+
+        from elastic_cli.checkpoint.torch_dtypes import TORCH_DTYPES
+
         info = self.tensors[name]
-        torch_dtype = DTYPES[info.dtype][0]
         if info.numel == 0:
-            return torch.empty(info.shape, dtype=torch_dtype)
-        return self._read_raw(name).view(torch_dtype).reshape(info.shape)
+            return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+        return torch.from_numpy(self._read_raw(name)).view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def read_bytes(self, name: str) -> memoryview:
         """Read one tensor's raw little-endian bytes."""
         if self.tensors[name].nbytes == 0:
             return memoryview(b"")
-        return memoryview(self._read_raw(name).numpy())
+        return memoryview(self._read_raw(name))
 
     def read_rows(self, name: str, rows: tuple[int, ...]) -> torch.Tensor:
         """Read only some rows (entries of dimension 0) of a tensor, in the given order.
 
         Consecutive rows are read as one range, so a prefix or a few blocks cost a few reads.
         """
+        import torch
+
+        from elastic_cli.checkpoint.torch_dtypes import TORCH_DTYPES
+
         info = self.tensors[name]
-        torch_dtype, itemsize = DTYPES[info.dtype]
-        row_bytes = math.prod(info.shape[1:]) * itemsize
-        out = torch.empty((len(rows), *info.shape[1:]), dtype=torch_dtype)
-        if out.numel() == 0:
-            return out
-        flat = out.view(-1).view(torch.uint8)
+        row_bytes = math.prod(info.shape[1:]) * DTYPE_SIZES[info.dtype]
+        flat = np.empty(len(rows) * row_bytes, dtype=np.uint8)
         start = 0
         while start < len(rows):
             end = start + 1
@@ -188,22 +199,60 @@ class Checkpoint:
             length = (end - start) * row_bytes
             self._read_into(name, info.begin + rows[start] * row_bytes, flat[start * row_bytes : start * row_bytes + length])
             start = end
-        return out
+        return torch.from_numpy(flat).view(TORCH_DTYPES[info.dtype]).reshape(len(rows), *info.shape[1:])
 
-    def _read_raw(self, name: str) -> torch.Tensor:
+    def map_array(self, name: str) -> np.ndarray:
+        """Map one tensor's bytes into memory, read-only, without reading them.
+
+        The array holds the stored bits as integers of the element size (``int16`` for BF16),
+        shaped like the tensor. Pages come from the page cache as they are touched, so cutting
+        a mapped tensor copies each kept byte once and reads no dropped row. The mapping
+        outlives :meth:`close` and ends when the last array using it is freed.
+
+        Raises:
+            CheckpointError: If the shard is now shorter than its header says.
+        """
         info = self.tensors[name]
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)  # no zero fill, unlike bytearray
+        bits = BITS_DTYPES[DTYPE_SIZES[info.dtype]]
+        if info.nbytes == 0:
+            return np.empty(info.shape, dtype=bits)
+        handle = self._handle(info.path)
+        size = os.fstat(handle.fileno()).st_size
+        if size < info.end:
+            raise CheckpointError(
+                f"{info.path} ended after {max(size - info.begin, 0)} of {info.nbytes} bytes of tensor '{name}'",
+                "the file changed or is truncated; download or copy it again",
+            )
+        # The offset of a mapping must be a multiple of the allocation granularity. A file cut
+        # short while it is mapped would end the process with SIGBUS on the lost pages; the size
+        # check above catches every file that was damaged before this call.
+        start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(handle.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start)
+        except OSError as error:
+            if error.errno == errno.ENOMEM:
+                raise MemoryError(f"mapping tensor '{name}' ({info.nbytes} bytes) exceeds the memory limit") from error
+            raise CheckpointError(f"cannot map {info.path}: {error.strerror or error}", "check the file") from error
+        return np.frombuffer(mapping, dtype=bits, count=info.numel, offset=info.begin - start).reshape(info.shape)
+
+    def _read_raw(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        buffer = np.empty(info.nbytes, dtype=np.uint8)  # no zero fill, unlike bytearray
         self._read_into(name, info.begin, buffer)
         return buffer
 
-    def _read_into(self, name: str, offset: int, buffer: torch.Tensor) -> None:
-        info = self.tensors[name]
-        handle = self._handles.get(info.path)
+    def _handle(self, path: Path) -> BinaryIO:
+        handle = self._handles.get(path)
         if handle is None:
-            handle = info.path.open("rb", buffering=0)
-            self._handles[info.path] = handle
+            handle = path.open("rb", buffering=0)
+            self._handles[path] = handle
+        return handle
+
+    def _read_into(self, name: str, offset: int, buffer: np.ndarray) -> None:
+        info = self.tensors[name]
+        handle = self._handle(info.path)
         handle.seek(offset)
-        view = memoryview(buffer.numpy())
+        view = memoryview(buffer)
         got = 0
         while got < len(view):
             count = handle.readinto(view[got:])

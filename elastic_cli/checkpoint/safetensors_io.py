@@ -15,26 +15,32 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from elastic_cli.errors import CheckpointError
 
-# safetensors dtype string -> (torch dtype, bytes per element). The one dtype table of the project.
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype string -> (torch dtype name, bytes per element): the one dtype table of the
+# project. It holds names rather than torch objects so that reading headers and slicing never
+# import torch; elastic_cli.checkpoint.torch_dtypes maps the names to torch dtypes.
+DTYPE_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-TORCH_TO_DTYPE = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+DTYPE_SIZES: dict[str, int] = {name: size for name, (_, size) in DTYPE_TABLE.items()}
+
+# Bytes per element -> the numpy integer dtype of that size, which holds a tensor's raw bits
+# wherever only bits move (reading, cutting, writing): numpy has no BF16 or FP8 dtypes.
+BITS_DTYPES: dict[int, type[np.integer]] = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 # A header larger than this is treated as damage, not as a checkpoint (real ones are a few MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -150,10 +156,10 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointError(
             f"{path}: tensor '{name}' has dtype {dtype!r}",
-            f"supported dtypes are {', '.join(DTYPES)}",
+            f"supported dtypes are {', '.join(DTYPE_SIZES)}",
         )
     if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
         raise CheckpointError(f"{path}: tensor '{name}' has an invalid shape {shape!r}", "the file is damaged")
@@ -164,7 +170,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
         or offsets[0] > offsets[1]
     ):
         raise CheckpointError(f"{path}: tensor '{name}' has invalid data offsets {offsets!r}", "the file is damaged")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} needs {expected}",
@@ -199,7 +205,7 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     sizes = []
     offset = 0
     for name, dtype, shape in entries:
-        size = math.prod(shape) * DTYPES[dtype][1]
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         sizes.append(size)
         offset += size

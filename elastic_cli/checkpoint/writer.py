@@ -9,20 +9,30 @@ written last, with ``total_size`` equal to the summed tensor bytes.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import math
 import os
+import platform
+import queue
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
+import numpy as np
 
 from elastic_cli.checkpoint.reader import INDEX_NAME, SINGLE_NAME
-from elastic_cli.checkpoint.safetensors_io import DTYPES, TORCH_TO_DTYPE, encode_header
+from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES, encode_header
 from elastic_cli.errors import OutputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 SHARD_METADATA = {"format": "pt"}
@@ -41,7 +51,7 @@ class ShardLayout:
     @property
     def total_size(self) -> int:
         return sum(
-            math.prod(shape) * DTYPES[dtype][1] for _, entries in self.shards for _, dtype, shape in entries
+            math.prod(shape) * DTYPE_SIZES[dtype] for _, entries in self.shards for _, dtype, shape in entries
         )
 
     @property
@@ -57,7 +67,7 @@ def plan_shards(entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     current = 0
     for name, dtype, shape in entries:
-        size = math.prod(shape) * DTYPES[dtype][1]
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
         if groups[-1] and current + size > max_shard_bytes:
             groups.append([])
             current = 0
@@ -71,28 +81,179 @@ def plan_shards(entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes
     return ShardLayout(shards=tuple((names[i], tuple(group)) for i, group in enumerate(groups)))
 
 
+class WritePipeline:
+    """Hashes and writes shard bytes on two background threads, in submission order.
+
+    The caller goes on preparing the next tensor while earlier ones are hashed (SHA-256, for the
+    manifest) and written, so reading, cutting, hashing and writing overlap. Data waiting in
+    the pipeline is bounded by ``max_pending_bytes``; one larger item is always admitted alone.
+    After each write the kernel is asked to start writing the new pages to disk, so the
+    ``fsync`` that closes a shard finds little left to do.
+
+    Use as a context manager around every writer that shares it. Leaving it waits until the
+    queued work is done, after an exception too, so that no thread touches the output folder
+    afterwards; once a task has failed, the rest is skipped. ``threads=False`` runs every task
+    at once in the calling thread.
+    """
+
+    def __init__(self, max_pending_bytes: int = 16 * 1024 * 1024, threads: bool = True) -> None:
+        self._limit = max_pending_bytes
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._condition = threading.Condition()
+        self._lanes: list[_Lane] = []
+        if threads:
+            _share_malloc_arena()
+            previous = threading.stack_size(_THREAD_STACK_BYTES)
+            try:
+                self._lanes = [_Lane(self, "hash"), _Lane(self, "write")]
+            finally:
+                threading.stack_size(previous)
+
+    def __enter__(self) -> "WritePipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lane in self._lanes:
+            lane.stop()
+        self._lanes = []
+        if exc[0] is None:
+            self.check()
+
+    def check(self) -> None:
+        """Raise the first error a task raised."""
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, hash_task: Callable[[], None], write_task: Callable[[], None], size: int = 0) -> None:
+        """Queue one task for each thread; ``size`` bytes count as pending until both ran."""
+        self.check()
+        if not self._lanes:
+            self._run(hash_task)
+            self._run(write_task)
+            self.check()
+            return
+        with self._condition:
+            while self._pending and self._pending + size > self._limit and self._error is None:
+                self._condition.wait()
+            self._pending += size
+        remaining = [2]
+
+        def release() -> None:
+            with self._condition:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    self._pending -= size
+                    self._condition.notify_all()
+
+        self._lanes[0].put(hash_task, release)
+        self._lanes[1].put(write_task, release)
+
+    def wait(self) -> None:
+        """Wait until every queued task has run (or was skipped after a failure)."""
+        done = [threading.Event() for _ in self._lanes]
+        for lane, event in zip(self._lanes, done):
+            lane.put(None, event.set)
+        for event in done:
+            event.wait()
+
+    def drain(self) -> None:
+        """Wait until every queued task has run, then raise the first error."""
+        self.wait()
+        self.check()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def _run(self, task: Callable[[], None] | None) -> None:
+        if task is None or self._error is not None:
+            return
+        try:
+            task()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread by check()
+            with self._condition:
+                if self._error is None:
+                    self._error = error
+                self._condition.notify_all()
+
+
+# The lanes run shallow Python code; glibc's default 8 MB stack would count against ulimit -v.
+_THREAD_STACK_BYTES = 1024 * 1024
+_M_ARENA_MAX = -8  # mallopt() parameter number in glibc's malloc.h
+
+
+def _share_malloc_arena() -> None:
+    """Make threads allocate from glibc's existing arenas instead of one new arena each.
+
+    glibc reserves 64 MB of address space for each thread's first allocation, so two lanes
+    would take 128 MB of a ``ulimit -v`` cap for a few small objects. Other C libraries have no
+    such arenas; there this does nothing.
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Lane:
+    """One daemon thread that runs tasks in order and reports each one's end."""
+
+    def __init__(self, pipeline: WritePipeline, name: str) -> None:
+        self._pipeline = pipeline
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"elastic-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, task: Callable[[], None] | None, done: Callable[[], None]) -> None:
+        self._queue.put((task, done))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            task, done = item
+            self._pipeline._run(task)
+            done()
+
+
 class ShardedWriter:
     """Write the tensors of a :class:`ShardLayout` into a folder, strictly in layout order.
 
     Use as a context manager; :meth:`finish` closes the last shard and writes the index. A tensor
     that arrives out of order or with the wrong shape or dtype raises immediately, naming it.
 
+    With a :class:`WritePipeline`, hashing and file writes run on its threads and ``digests``
+    is complete after :meth:`finish`; without one, they run at once in the calling thread.
+
     With a resume journal, shards it records as finished are not written again (their tensors
     are checked for order and skipped), and each shard is recorded as it closes.
     """
 
-    def __init__(self, folder: Path, layout: ShardLayout, journal: Any = None, prefix: str = "") -> None:
+    def __init__(
+        self, folder: Path, layout: ShardLayout, journal: Any = None, prefix: str = "", pipeline: WritePipeline | None = None
+    ) -> None:
         self.folder = folder
         self.layout = layout
         self._journal = journal
         self._prefix = prefix  # the folder's path inside the journal's folder, "" or "budget/"
+        self._pipeline = pipeline if pipeline is not None else WritePipeline(threads=False)
         self._done = {file for file, _ in layout.shards if journal is not None and journal.is_done(prefix + file)}
         self._weight_map = layout.weight_map
         self._queue = [(file, entry) for file, entries in layout.shards for entry in entries]
         self._position = 0
-        self._handle: BinaryIO | None = None
-        self._file: str | None = None
+        self._file: str | None = None  # the open shard, as the caller sees it
         self._hash = hashlib.sha256()
+        self._size = 0
+        self._handle: BinaryIO | None = None  # used by the pipeline's write thread only
+        self._written = 0
         # shard file -> (sha256, size), filled as shards close (or from the journal when reused)
         self.digests: dict[str, tuple[str, int]] = {file: journal.done[prefix + file] for file in self._done}
 
@@ -100,6 +261,7 @@ class ShardedWriter:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._pipeline.wait()  # the write thread may still hold the open shard
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -116,13 +278,22 @@ class ShardedWriter:
         return self._queue[self._position][1][0]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append one tensor; it must be the next one of the layout."""
+        """Append one torch tensor; it must be the next one of the layout."""
+        from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
+
         self.write_bytes(name, TORCH_TO_DTYPE.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape), tensor_bytes(tensor))
+
+    def write_array(self, name: str, dtype: str, array: np.ndarray) -> None:
+        """Append one tensor given as a numpy array of its raw bits, in safetensors ``dtype``."""
+        self.write_bytes(name, dtype, array.shape, memoryview(np.ascontiguousarray(array)).cast("B"))
 
     def write_bytes(
         self, name: str, dtype: str, shape: tuple[int, ...], data: bytes | bytearray | memoryview | None
     ) -> None:
-        """Append one tensor given as raw little-endian bytes (``None`` only for a finished shard's tensor)."""
+        """Append one tensor given as raw little-endian bytes (``None`` only for a finished shard's tensor).
+
+        With a pipeline, ``data`` must not change until :meth:`finish` returns.
+        """
         if self._position >= len(self._queue):
             raise OutputError(f"tensor '{name}' was not planned for this output", "this is a bug in elastic; please report it")
         file, (expected_name, expected_dtype, expected_shape) = self._queue[self._position]
@@ -137,58 +308,102 @@ class ShardedWriter:
             return
         if file != self._file:
             self._open_shard(file)
-        assert self._handle is not None
-        try:
-            self._handle.write(data)
-        except OSError as error:
-            raise output_error(self.folder / file, error) from error
-        self._hash.update(data)
-        self._size += memoryview(data).nbytes
+        assert data is not None
+        view = memoryview(data).cast("B")
+        self._pipeline.submit(functools.partial(self._hash.update, view), functools.partial(self._write, file, view), view.nbytes)
+        self._size += view.nbytes
         self._position += 1
 
     def _open_shard(self, file: str) -> None:
         self._close_shard()
         entries = dict(self.layout.shards)[file]
         header, _ = encode_header(list(entries), SHARD_METADATA)
+        self._file = file
+        self._hash = hashlib.sha256(header)
+        self._size = len(header)
+        self._pipeline.submit(_nothing, functools.partial(self._create, file, header))
+
+    def _close_shard(self) -> None:
+        if self._file is None:
+            return
+        file, digest, size = self._file, self._hash, self._size
+        self._file = None
+        hashed = threading.Event()
+        result: list[str] = []
+
+        def finish_hash() -> None:
+            result.append(digest.hexdigest())
+            hashed.set()
+
+        def finish_file() -> None:
+            self._fsync_and_close(file)
+            while not hashed.wait(0.1):
+                if self._pipeline.failed:
+                    return
+            self.digests[file] = (result[0], size)
+            if self._journal is not None:
+                self._journal.record(self._prefix + file, *self.digests[file])
+
+        self._pipeline.submit(finish_hash, finish_file)
+
+    def _create(self, file: str, header: bytes) -> None:
         path = self.folder / file
         try:
             self._handle = path.open("wb")
             self._handle.write(header)
         except OSError as error:
             raise output_error(path, error) from error
-        self._file = file
-        self._hash = hashlib.sha256(header)
-        self._size = len(header)
+        self._written = len(header)
 
-    def _close_shard(self) -> None:
-        if self._handle is None:
-            return
+    def _write(self, file: str, data: memoryview) -> None:
+        assert self._handle is not None
+        try:
+            self._handle.write(data)
+        except OSError as error:
+            raise output_error(self.folder / file, error) from error
+        if _START_WRITEBACK is not None and data.nbytes >= _WRITEBACK_MIN_BYTES:
+            # Start writing these pages to disk now; dirty pages are not dropped by this advice.
+            self._handle.flush()
+            os.posix_fadvise(self._handle.fileno(), self._written, data.nbytes, _START_WRITEBACK)
+        self._written += data.nbytes
+
+    def _fsync_and_close(self, file: str) -> None:
+        assert self._handle is not None
         try:
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as error:
-            raise output_error(Path(self._handle.name), error) from error
+            raise output_error(self.folder / file, error) from error
         finally:
             self._handle.close()
             self._handle = None
-        assert self._file is not None
-        self.digests[self._file] = (self._hash.hexdigest(), self._size)
-        if self._journal is not None:
-            self._journal.record(self._prefix + self._file, *self.digests[self._file])
 
     def finish(self) -> None:
-        """Close the last shard and write the index (only when there is more than one shard)."""
+        """Close the last shard, wait for the pipeline and write the index (for several shards)."""
         if self._position != len(self._queue):
             missing = self._queue[self._position][1][0]
             raise OutputError(f"output is incomplete: tensor '{missing}' was never written", "this is a bug in elastic")
         self._close_shard()
+        self._pipeline.drain()
         if len(self.layout.shards) > 1:
             index = {"metadata": {"total_size": self.layout.total_size}, "weight_map": dict(sorted(self.layout.weight_map.items()))}
             write_text(self.folder / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+# POSIX_FADV_DONTNEED on freshly written pages starts their writeback on Linux without waiting
+# for it. Other systems (or small writes) skip the advice; fsync still writes everything.
+_START_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
+_WRITEBACK_MIN_BYTES = 1 << 20
+
+
+def _nothing() -> None:
+    pass
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Return a contiguous CPU tensor's bytes without copying them."""
+    import torch
+
     tensor = tensor.detach().contiguous().cpu()
     if tensor.numel() == 0:
         return memoryview(b"")

@@ -82,6 +82,17 @@ def main() -> None:
         if error.hint:
             stderr.print(f"Hint: {escape(error.hint)}", highlight=False)
         sys.exit(error.exit_code)
+    except MemoryError as error:
+        if os.environ.get("ELASTIC_DEBUG") == "1":
+            raise
+        detail = f": {error}" if str(error) else ""
+        stderr.print(f"[red]Error:[/red] out of memory{escape(detail)}; nothing was left half-written", highlight=False)
+        stderr.print(
+            "Hint: raise the memory limit (ulimit -v, the cgroup's memory.max) or free memory; "
+            "elastic needs about the largest tensor plus its cuts",
+            highlight=False,
+        )
+        sys.exit(1)
     except (KeyboardInterrupt, _Interrupted):
         stderr.print("Interrupted; nothing was left half-written.", highlight=False)
         sys.exit(130)

@@ -10,7 +10,6 @@ from rich.console import Console
 
 from elastic_cli.cli.options import Json, Quiet, Verbose
 from elastic_cli.cli.output import configure_logging, emit, format_bytes
-from elastic_cli.publish import PublishResult, plan_publish, publish
 
 Folder = Annotated[
     Path,
@@ -69,6 +68,8 @@ def push(
         elastic push ./elastic-nvfp4 my-org/Nemotron-Elastic-NVFP4 --private --revision v1
     """
     configure_logging(verbose, quiet, keep_global=True)
+    from elastic_cli.publish import PublishResult, plan_publish, publish  # imports torch, through verify
+
     plan = plan_publish(folder, repo_id, revision, private, commit_message)
     result = PublishResult(plan, dry_run=True, commit_url=None) if dry_run else publish(plan)
     emit(result.to_json(), json, _render)

@@ -10,7 +10,6 @@ from rich.console import Console
 
 from elastic_cli.cli.options import Json
 from elastic_cli.cli.output import emit
-from elastic_cli.verify import verify_artifact
 
 Folder = Annotated[
     Path,
@@ -45,6 +44,8 @@ def verify(folder: Folder, parent: Parent = None, revision: ParentRevision = Non
 
         elastic verify ./nano-12b --parent ./Nemotron-Elastic-30B --json
     """
+    from elastic_cli.verify import verify_artifact  # imports torch, which slice and inspect never load
+
     report = verify_artifact(folder, parent, revision)
     emit(report.to_json(), json, _render)
     if not report.ok:

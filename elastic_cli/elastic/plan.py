@@ -23,7 +23,7 @@ from elastic_cli.arch.nemotron_h import (
     parse_tensor_name,
     template_dims,
 )
-from elastic_cli.checkpoint.safetensors_io import DTYPES, TensorInfo
+from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES, TensorInfo
 from elastic_cli.elastic.masks import Axis, Budget
 from elastic_cli.elastic.validate import group_counts
 from elastic_cli.errors import CheckpointError, MaskError
@@ -52,7 +52,7 @@ class TensorSlice:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.target_shape) * DTYPES[self.dtype][1]
+        return math.prod(self.target_shape) * DTYPE_SIZES[self.dtype]
 
 
 @dataclass(frozen=True)

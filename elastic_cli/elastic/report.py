@@ -15,7 +15,7 @@ from typing import Any
 
 from elastic_cli import __version__
 from elastic_cli.arch.nemotron_h import KIND_TO_CHAR, LayerKind, parse_tensor_name
-from elastic_cli.checkpoint.safetensors_io import DTYPES
+from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES
 from elastic_cli.elastic.plan import SlicePlan, build_plan
 from elastic_cli.elastic.source import ElasticSource
 
@@ -28,7 +28,7 @@ def estimate_bytes(source: ElasticSource, plan: SlicePlan) -> dict[str, int]:
     sizes = dict.fromkeys(FORMATS, 0.0)
     for tensor in plan.tensors:
         numel = math.prod(tensor.target_shape)
-        stored = numel * DTYPES[tensor.dtype][1]
+        stored = numel * DTYPE_SIZES[tensor.dtype]
         parsed = parse_tensor_name(tensor.source)
         role = _role(source, parsed)
         sizes["bf16"] += stored

@@ -2,10 +2,8 @@
 
 ``nvfp4`` and ``fp8`` hold pure quantize/dequantize pairs and scale functions, ``e2m1``
 the 4-bit rounding and packing under NVFP4, and ``constants`` every limit with its
-derivation. Invalid input raises ``FormatError``.
+derivation. Invalid input raises ``errors.FormatError``.
+
+Import the submodules themselves (``from elastic_cli.formats import fp8``): this package imports
+none of them, so that code needing only ``constants`` (slicing) does not load torch.
 """
-
-from elastic_cli.formats import constants, e2m1, fp8, nvfp4
-from elastic_cli.formats.errors import FormatError
-
-__all__ = ["FormatError", "constants", "e2m1", "fp8", "nvfp4"]

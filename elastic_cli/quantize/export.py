@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from elastic_cli import __version__
-from elastic_cli.formats import fp8, nvfp4
 from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
 from elastic_cli.quantize.policy import ModuleDecision, QuantPlan
+
+if TYPE_CHECKING:
+    import torch
+
+# The functions that compute (quantize, dequantize, check values) import torch and the format
+# numerics when called: slicing uses this module only for names and shapes and must start
+# without loading torch.
 
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 STATE_FILE = "elastic_quant_state.json"
@@ -134,6 +138,8 @@ class ModuleScales:
 
 def quantize_module(weight: torch.Tensor, scales: ModuleScales) -> list[torch.Tensor]:
     """Quantize one weight [out, in]; return tensors in :func:`output_entries` order."""
+    from elastic_cli.formats import fp8, nvfp4
+
     if scales.format == "nvfp4":
         global_scale = nvfp4.global_scale(scales.weight_amax)
         packed, block_scale = nvfp4.quantize(weight, global_scale)
@@ -144,11 +150,15 @@ def quantize_module(weight: torch.Tensor, scales: ModuleScales) -> list[torch.Te
 
 def kv_scale(amax: float) -> torch.Tensor:
     """Return an FP8 KV-cache scale: amax / 448 (1.0 for a zero amax)."""
+    from elastic_cli.formats import fp8
+
     return fp8.per_tensor_scale(amax)
 
 
 def dequantize_module(tensors: dict[str, torch.Tensor], module: str, fmt: str, dtype: torch.dtype) -> torch.Tensor:
     """Rebuild a module's high-precision weight from its exported tensors."""
+    from elastic_cli.formats import fp8, nvfp4
+
     weight = tensors[f"{module}.weight"]
     if fmt == "nvfp4":
         return nvfp4.dequantize(weight, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"], dtype)
@@ -252,24 +262,36 @@ def rename_state(document: dict[str, Any], module_map: dict[str, str]) -> dict[s
 
 
 def check_weight_finite(name: str, weight: torch.Tensor) -> str | None:
-    """Describe NaN or Inf values in a tensor, or return ``None`` when all are finite."""
+    """Describe NaN or Inf values in a tensor, or return ``None`` when all are finite.
+
+    The check runs over slices of ``_FINITE_CHUNK`` elements, so its temporaries stay small
+    next to a large tensor such as the embedding.
+    """
+    import torch
+
     if not weight.is_floating_point() or weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return None
-    finite = torch.isfinite(weight)
-    if bool(finite.all()):
+    flat = weight.reshape(-1)
+    chunks = [flat[start : start + _FINITE_CHUNK] for start in range(0, flat.numel(), _FINITE_CHUNK)]
+    if all(bool(torch.isfinite(chunk).all()) for chunk in chunks):
         return None
-    nan = int(torch.isnan(weight).sum())
-    inf = int(weight.numel() - int(finite.sum()) - nan)
+    nan = sum(int(torch.isnan(chunk).sum()) for chunk in chunks)
+    inf = sum(int(torch.isinf(chunk).sum()) for chunk in chunks)
     return f"tensor '{name}' has {nan} NaN and {inf} Inf value(s)"
+
+
+_FINITE_CHUNK = 1 << 22
 
 
 def weight_amax(weight: torch.Tensor) -> float:
     """Return max |weight| as a Python float (computed in fp32)."""
+    from elastic_cli.formats import fp8
+
     return float(fp8.amax(weight))
 
 
 def bytes_of(entries: list[tuple[str, str, tuple[int, ...]]]) -> int:
     """Sum the bytes of planned entries."""
-    from elastic_cli.checkpoint.safetensors_io import DTYPES
+    from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES
 
-    return sum(math.prod(shape) * DTYPES[dtype][1] for _, dtype, shape in entries)
+    return sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape in entries)

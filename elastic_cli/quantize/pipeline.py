@@ -24,7 +24,7 @@ from elastic_cli.elastic.masks import MASKS_FILE, budgets_to_document
 from elastic_cli.elastic.plan import build_plan, check_sliceable
 from elastic_cli.elastic.source import ElasticSource, reject_quantized
 from elastic_cli.errors import CheckpointError, ElasticError, UnsupportedError
-from elastic_cli.formats import FormatError
+from elastic_cli.formats.errors import FormatError
 from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
 from elastic_cli.quantize import export
 from elastic_cli.quantize.policy import QuantPlan, plan_quantization, predict_bytes, servable_tp_degrees

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from elastic_cli.arch.nemotron_h import LayerKind, NemotronHArch, parse_tensor_name
-from elastic_cli.checkpoint.safetensors_io import DTYPES, TensorInfo
+from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES, TensorInfo
 from elastic_cli.errors import UsageError
 from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
 
@@ -294,7 +294,7 @@ def predict_bytes(plan: QuantPlan, tensors: dict[tuple[str, str], tuple[int, ...
         if decision is not None:
             total += quantized_bytes(decision.format, tuple(shape))  # type: ignore[arg-type]
         else:
-            total += math.prod(shape) * DTYPES[dtype][1]
+            total += math.prod(shape) * DTYPE_SIZES[dtype]
     if plan.kv_cache_quant_algo:
         attention_layers = {d.layer for d in plan.decisions if d.kind == ModuleKind.ATTENTION_QKV.value}
         total += 8 * len(attention_layers)

@@ -1,0 +1,130 @@
+"""The background write pipeline: same bytes as writing inline, bounded, errors surface, threads end."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elastic_cli.checkpoint.writer import ShardedWriter, WritePipeline, plan_shards
+from elastic_cli.errors import OutputError
+
+
+def lane_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("elastic-")]
+
+
+def write_all(folder: Path, arrays: dict[str, np.ndarray], pipeline: WritePipeline | None) -> dict[str, tuple[str, int]]:
+    layout = plan_shards([(name, "I16", array.shape) for name, array in arrays.items()], max_shard_bytes=3000)
+    folder.mkdir()
+    with ShardedWriter(folder, layout, pipeline=pipeline) as writer:
+        for name, array in arrays.items():
+            writer.write_array(name, "I16", array)
+        writer.finish()
+    return writer.digests
+
+
+def test_threaded_bytes_equal_inline(tmp_path):
+    rng = np.random.default_rng(3)
+    arrays = {f"t{index}": rng.integers(-30000, 30000, size=(17, 13 + index)).astype(np.int16) for index in range(12)}
+    # A non-contiguous view is written as its contiguous copy.
+    arrays["t12"] = rng.integers(0, 9, size=(20, 20)).astype(np.int16)[:, ::2]
+
+    inline = write_all(tmp_path / "inline", arrays, None)
+    with WritePipeline(max_pending_bytes=1000) as pipeline:
+        threaded = write_all(tmp_path / "threaded", arrays, pipeline)
+
+    assert len(inline) > 1, "the layout should span several shards"
+    assert threaded == inline
+    for file, (digest, size) in threaded.items():
+        data = (tmp_path / "threaded" / file).read_bytes()
+        assert data == (tmp_path / "inline" / file).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (digest, size)
+    assert not lane_threads(), "the pipeline's threads outlived it"
+
+
+def test_pending_bytes_are_bounded():
+    release = threading.Event()
+    ran: list[str] = []
+    with WritePipeline(max_pending_bytes=100) as pipeline:
+        pipeline.submit(lambda: ran.append("hash 1"), lambda: (release.wait(10), ran.append("write 1")), 80)
+        second = threading.Thread(target=pipeline.submit, args=(lambda: ran.append("hash 2"), lambda: ran.append("write 2"), 80))
+        second.start()
+        time.sleep(0.3)
+        # The second item would exceed the bound while the first is still pending, so it waits
+        # even though the hash thread is idle.
+        assert "hash 2" not in ran
+        release.set()
+        second.join(10)
+        pipeline.drain()
+    assert ran.index("write 1") < ran.index("write 2")
+    assert sorted(ran) == ["hash 1", "hash 2", "write 1", "write 2"]
+
+
+def test_oversized_item_admitted_alone():
+    ran: list[int] = []
+    with WritePipeline(max_pending_bytes=10) as pipeline:
+        pipeline.submit(lambda: None, lambda: ran.append(1), 1000)
+        pipeline.submit(lambda: None, lambda: ran.append(2), 1000)
+        pipeline.drain()
+    assert ran == [1, 2]
+
+
+def test_failed_write_stops_the_rest():
+    ran: list[str] = []
+
+    def failing() -> None:
+        raise OutputError("no space left on the device while writing out/model.safetensors", "free space")
+
+    with pytest.raises(OutputError, match="no space left"):
+        with WritePipeline() as pipeline:
+            pipeline.submit(lambda: None, failing, 10)
+            pipeline.submit(lambda: ran.append("hash after"), lambda: ran.append("write after"), 10)
+            pipeline.drain()
+    assert ran == [] or ran == ["hash after"], "work after the failure was written"
+    assert not lane_threads()
+
+
+class FullDisk:
+    """A file handle whose data writes fail as on a full file system."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def test_disk_full_names_the_shard(tmp_path, monkeypatch):
+    original = ShardedWriter._write
+
+    def write(self, file, data):
+        self._handle = FullDisk(self._handle)
+        original(self, file, data)
+
+    monkeypatch.setattr(ShardedWriter, "_write", write)
+    layout = plan_shards([("a", "I16", (4,))])
+    with pytest.raises(OutputError, match=r"no space left on the device while writing .*model\.safetensors"):
+        with WritePipeline() as pipeline, ShardedWriter(tmp_path, layout, pipeline=pipeline) as writer:
+            writer.write_array("a", "I16", np.zeros(4, dtype=np.int16))
+            writer.finish()
+    assert not lane_threads()
+
+
+def test_queued_work_finishes_after_caller_error(tmp_path):
+    """An interrupted run keeps the shards it queued, so that a resumed run can reuse them."""
+    ran: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        with WritePipeline() as pipeline:
+            pipeline.submit(lambda: time.sleep(0.2), lambda: ran.append("write"), 10)
+            raise KeyboardInterrupt
+    assert ran == ["write"]
+    assert not lane_threads()
