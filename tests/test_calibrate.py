@@ -40,6 +40,8 @@ from elastic_cli.elastic.source import open_source
 from elastic_cli.errors import CheckpointError, ElasticError, UnsupportedError, UsageError
 from elastic_cli.quantize import calib_data
 from elastic_cli.quantize.calib_data import load_texts, load_tokenizer, render_messages, tokenize
+from elastic_cli.elastic.tensor_cut import TensorCutter
+from elastic_cli.quantize import calibrate as calibrate_module
 from elastic_cli.quantize.calibrate import (
     FALLBACK_AMAX,
     calibratable_modules,
@@ -109,6 +111,13 @@ def observe_experts(model, record):
     """Record ``record(layer, expert, projection, input)`` for every expert matmul of transformers' eager loop."""
     layers = enumerate(model.model.layers)
     experts = [(index, layer.mixer.experts) for index, layer in layers if layer.block_type == "moe"]
+    with observe_fused_experts(experts, record):
+        yield
+
+
+@contextmanager
+def observe_fused_experts(experts: list[tuple[int, nn.Module]], record):
+    """Like :func:`observe_experts`, for ``NemotronHExperts`` modules given with their layer index."""
     original = nn.functional.linear
 
     def linear(input, weight, bias=None):
@@ -380,17 +389,25 @@ def test_calibrate_rejects_bad_inputs(plain_parent, config, token_ids):
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory bound: each layer read once, one layer's weights alive at a time
+# Memory bound: each layer read once, one layer's weights alive at a time, one routed expert at a time
+
+
+def is_routed_expert(name: str) -> bool:
+    parsed = parse_tensor_name(name)
+    return parsed is not None and parsed.expert is not None
 
 
 def test_calibrate_reads_each_layer_once(elastic_parent, token_ids, monkeypatch):
     from transformers.models.nemotron_h import modeling_nemotron_h
 
     reads: list[str] = []
+    row_reads: list[tuple[str, tuple[int, ...]]] = []
     alive: list[tuple[int | None, weakref.ref]] = []
     overlaps: list[str] = []
     blocks: weakref.WeakSet = weakref.WeakSet()
     max_blocks = [0]
+    expert_weights: list[tuple[str, weakref.ref]] = []
+    expert_overlaps: list[str] = []
 
     original_block = modeling_nemotron_h.NemotronHBlock
 
@@ -402,8 +419,21 @@ def test_calibrate_reads_each_layer_once(elastic_parent, token_ids, monkeypatch)
 
     monkeypatch.setattr(modeling_nemotron_h, "NemotronHBlock", CountedBlock)
 
+    original_expert_read = calibrate_module._CheckpointExperts.read
+
+    def read_expert(self, tensor, device):
+        live = [name for name, ref in expert_weights if ref() is not None]
+        if live:
+            expert_overlaps.append(f"{tensor.source} read while {live} were alive")
+        weight = original_expert_read(self, tensor, device)
+        expert_weights.append((tensor.source, weakref.ref(weight)))
+        return weight
+
+    monkeypatch.setattr(calibrate_module._CheckpointExperts, "read", read_expert)
+
     with opened(elastic_parent) as source:
         original_read = source.checkpoint.read
+        original_read_rows = source.checkpoint.read_rows
 
         def read(name: str) -> torch.Tensor:
             layer = parse_tensor_name(name).layer
@@ -415,17 +445,123 @@ def test_calibrate_reads_each_layer_once(elastic_parent, token_ids, monkeypatch)
             alive.append((layer, weakref.ref(tensor)))
             return tensor
 
+        def read_rows(name: str, rows: tuple[int, ...]) -> torch.Tensor:
+            row_reads.append((name, rows))
+            return original_read_rows(name, rows)
+
         monkeypatch.setattr(source.checkpoint, "read", read)
-        calibrate(source, calibratable_modules(source.arch), token_ids, budgets=list(source.budgets))
+        monkeypatch.setattr(source.checkpoint, "read_rows", read_rows)
+        budgets = list(source.budgets)
+        result = calibrate(source, calibratable_modules(source.arch), token_ids, budgets=budgets)
         layer_tensors = [name for name in source.checkpoint.tensors if parse_tensor_name(name).layer is not None]
+        moe_layers = [layer for layer, kind in enumerate(source.arch.layer_kinds) if kind is LayerKind.MOE]
 
     gc.collect()
-    repeated = sorted({name for name in reads if reads.count(name) > 1})
-    assert not repeated, f"tensors read more than once: {repeated[:3]}"
-    assert set(layer_tensors) <= set(reads), "every layer tensor must be read"
+    other_tensors = [name for name in layer_tensors if not is_routed_expert(name)]
+    repeated = sorted({name for name in reads if not is_routed_expert(name) and reads.count(name) > 1})
+    assert not repeated, f"tensors other than routed experts read more than once: {repeated[:3]}"
+    assert set(other_tensors) <= set(reads), "every layer tensor other than routed experts must be read"
     assert "lm_head.weight" not in reads, "calibration needs the lm_head input, never its weight"
+    assert "backbone.embeddings.weight" not in reads, "calibration must read only the embedding rows it needs"
+    assert row_reads == [("backbone.embeddings.weight", tuple(sorted(set(token_ids.reshape(-1).tolist()))))]
     assert not overlaps, f"more than one layer's weights were alive: {overlaps[:2]}"
     assert max_blocks[0] == 1, f"{max_blocks[0]} NemotronH blocks were alive at once"
+    assert not expert_overlaps, f"more than one routed expert weight was alive: {expert_overlaps[:2]}"
+
+    # All samples fit in one micro-batch, so each budget reads each expert it runs exactly once.
+    for layer in moe_layers:
+        unreached = set(result.unreached_experts.get(layer, []))
+        for expert in range(8):
+            keeping = sum(1 for budget in budgets if budget.mask(Axis.EXPERTS, layer)[expert])
+            for projection in ("up_proj", "down_proj"):
+                name = f"backbone.layers.{layer}.mixer.experts.{expert}.{projection}.weight"
+                count = reads.count(name)
+                assert count <= keeping, f"{name} read {count} times, but only {keeping} budget(s) keep it"
+                if expert not in unreached:
+                    assert count >= 1, f"{name} of a reached expert was never read"
+                else:
+                    assert count == 0, f"{name} of an unreached expert was read"
+
+
+def test_checkpoint_experts_match_fused_experts(elastic_parent):
+    """Experts read from the checkpoint give transformers' fused experts' output and expert inputs, bit for bit."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    layer = 1
+    generator = torch.Generator().manual_seed(3)
+    with opened(elastic_parent) as source:
+        plans = plan_budgets(source, ["all"])
+        cutter = TensorCutter()
+        for plan in plans:
+            config = calibrate_module._child_config(plan)
+            slices = [
+                tensor
+                for tensor in plan.tensors
+                if is_routed_expert(tensor.source) and parse_tensor_name(tensor.source).layer == layer
+            ]
+            _, experts = calibrate_module._block_state(slices, {}, cutter)
+            with torch.device("meta"):
+                meta = NemotronHExperts(config)
+            streamed = calibrate_module._CheckpointExperts(meta, experts, source.checkpoint, cutter)
+
+            fused = NemotronHExperts(config).eval()
+            for projection in ("up_proj", "down_proj"):
+                stacked = torch.stack(
+                    [cutter.cut(source.checkpoint.read(t.source), t.keep).float() for t in experts[projection]]
+                )
+                getattr(fused, projection).data = stacked
+
+            tokens, top_k = 40, config.num_experts_per_tok
+            hidden = torch.randn(tokens, config.hidden_size, generator=generator)
+            scores = torch.rand(tokens, config.n_routed_experts, generator=generator)
+            scores[:, 0] = -1.0  # child expert 0 is never selected
+            top_k_index = scores.topk(top_k, dim=-1).indices
+            top_k_weights = torch.rand(tokens, top_k, generator=generator)
+
+            observed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            streamed.observer = lambda expert, up, down: observed.__setitem__(expert, (up.clone(), down.clone()))
+            expected_inputs: dict[tuple[int, str], torch.Tensor] = {}
+
+            def record(layer_index, expert, projection, input):
+                expected_inputs[(int(expert), projection)] = input.clone()
+
+            with torch.inference_mode():
+                actual = streamed(hidden, top_k_index, top_k_weights)
+                with observe_fused_experts([(layer, fused)], record):
+                    expected = fused(hidden, top_k_index, top_k_weights)
+
+            assert torch.equal(actual, expected), f"budget {plan.budget}: experts output differs from transformers'"
+            selected = sorted(set(top_k_index.reshape(-1).tolist()))
+            assert sorted(observed) == selected, f"budget {plan.budget}: observed experts {sorted(observed)}"
+            assert 0 not in observed, "an expert no token selected must not be observed"
+            for expert, (up_input, down_input) in observed.items():
+                assert torch.equal(up_input, expected_inputs[(expert, "up_proj")]), f"expert {expert} up_proj input"
+                expected_down = expected_inputs[(expert, "down_proj")]
+                assert torch.equal(down_input, expected_down), f"expert {expert} down_proj input"
+
+
+def test_load_block_rejects_mismatched_experts(elastic_parent):
+    layer = 1
+    with opened(elastic_parent) as source:
+        plan = plan_budgets(source, ["all"])[0]
+        cutter = TensorCutter()
+        slices = [tensor for tensor in plan.tensors if parse_tensor_name(tensor.source).layer == layer]
+        parent = {t.source: source.checkpoint.read(t.source) for t in slices if not is_routed_expert(t.source)}
+        state, experts = calibrate_module._block_state(slices, parent, cutter)
+        config = calibrate_module._child_config(plan)
+
+        def load(changed: dict) -> None:
+            calibrate_module._load_block(config, layer, dict(state), changed, layer, source.checkpoint, cutter)
+
+        load(experts)  # the unchanged layer loads
+        with pytest.raises(UnsupportedError, match="expects 'mixer.experts.down_proj', which the checkpoint lacks"):
+            load({"up_proj": experts["up_proj"]})
+        with pytest.raises(UnsupportedError, match="has 7 routed experts in the checkpoint, but the config has 8"):
+            load({"up_proj": experts["up_proj"][:7], "down_proj": experts["down_proj"]})
+        with pytest.raises(UnsupportedError, match=r"up_proj.weight cuts to \[\d+, \d+\], but mixer.experts.down_proj"):
+            load({"up_proj": experts["up_proj"], "down_proj": experts["up_proj"]})
+        with pytest.raises(UnsupportedError, match="the checkpoint has 'mixer.experts.down_proj', which"):
+            calibrate_module._load_block(config, 0, {}, experts, 0, source.checkpoint, cutter)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,18 +2,25 @@
 
 Calibration runs real forward passes with transformers' own NemotronH modules
 (``NemotronHBlock`` from ``transformers.models.nemotron_h``) in float32, one parent layer at a
-time. The checkpoint's tensors of a layer are read once. Each budget that keeps the layer cuts
-them with its slice plan, loads them into one block of its child config and runs that block on
-its own hidden states. A sliced child equals the masked parent, so each budget's activations are
+time. A layer's tensors other than routed experts are read once. Each budget that keeps the
+layer cuts them with its slice plan, loads them into one block of its child config and runs that
+block on its own hidden states. A sliced child equals the masked parent, so each budget's activations are
 those of its nested submodel.
 
 Observers record the max |input| of every Linear (and, for the FP8 KV cache, the max |output| of
 ``k_proj`` and ``v_proj``) under parent module and expert names. The stored amax is the maximum
 over budgets and tokens, so one scale serves every budget sliced from the quantized parent.
 
-Memory: one parent layer's tensors plus one budget's float32 copy of them, plus the hidden
-states of every budget (``samples * seq_len * hidden * 4`` bytes each, kept on the CPU), plus
-the activations of one micro-batch.
+Routed experts are never all in memory. In each MoE block, ``_CheckpointExperts`` replaces
+transformers' fused ``NemotronHExperts`` and reads each expert the router selects from the
+checkpoint when it runs (once per budget and micro-batch), so a layer needs the same memory
+whatever its number of experts.
+
+Memory: one parent layer's tensors other than routed experts, plus one budget's float32 copy of
+them, plus one routed expert's ``up_proj`` and ``down_proj`` (as stored and in float32), plus the
+hidden states of every budget (``samples * seq_len * hidden * 4`` bytes each, kept on the CPU),
+plus the activations of one micro-batch. Of the embedding, only the rows of the calibration
+tokens are read.
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from torch import nn
 from elastic_cli.arch.nemotron_h import LayerKind, NemotronHArch, parse_tensor_name
 from elastic_cli.elastic.masks import Axis, Budget, parse_budget_spec
 from elastic_cli.elastic.plan import SlicePlan, TensorSlice, build_plan, check_sliceable, kept
-from elastic_cli.elastic.slicer import TensorCutter
+from elastic_cli.elastic.tensor_cut import TensorCutter
 from elastic_cli.elastic.source import ElasticSource
 from elastic_cli.errors import CheckpointError, UnsupportedError, UsageError
 
 if TYPE_CHECKING:
+    from elastic_cli.checkpoint.reader import Checkpoint
     from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 
 log = logging.getLogger(__name__)
@@ -340,9 +348,8 @@ def _names_by_layer(tensors: dict) -> dict[int, list[str]]:
 def _embed(source: ElasticSource, runs: list[_BudgetRun], token_ids: torch.Tensor, cutter: TensorCutter) -> None:
     """Look up every budget's input embeddings: rows of the token ids, kept hidden channels."""
     log.info("embedding %d token(s) for %d budget(s)", token_ids.numel(), len(runs))
-    weight = source.checkpoint.read(EMBEDDINGS)  # [vocab, H]
-    rows = weight[token_ids.reshape(-1)]  # [tokens, H]
-    del weight
+    ids, positions = torch.unique(token_ids.reshape(-1), sorted=True, return_inverse=True)
+    rows = source.checkpoint.read_rows(EMBEDDINGS, tuple(ids.tolist()))[positions]  # [tokens, H]
     for run in runs:
         hidden = cutter.cut(rows, run.global_slice(EMBEDDINGS).keep).float()  # [tokens, child H]
         run.hidden = hidden.reshape(*token_ids.shape, -1)
@@ -359,16 +366,20 @@ def _run_layer(
     micro_batch: int,
     device: str | torch.device,
 ) -> None:
-    """Read one parent layer once and run it for every budget that keeps it."""
+    """Read one parent layer once and run it for every budget that keeps it.
+
+    Routed experts are not read here: each budget's block reads the experts its router selects
+    while it runs (see :class:`_CheckpointExperts`).
+    """
     active = [run for run in runs if layer in run.child_layer]
     if not active:
         log.debug("layer %d: no calibrated budget keeps it", layer)
         return
-    parent = {name: source.checkpoint.read(name) for name in names}
+    parent = {name: source.checkpoint.read(name) for name in names if not _is_routed_expert(name)}
     for run in active:
         child = run.child_layer[layer]
-        state = _block_state(run.layer_slices[layer], parent, cutter)
-        block = _load_block(run.config, child, state, layer)
+        state, experts = _block_state(run.layer_slices[layer], parent, cutter)
+        block = _load_block(run.config, child, state, experts, layer, source.checkpoint, cutter)
         del state
         block.to(device)
         with _observe(block, layer, run.layer_keep.get(layer), stats, kv_cache):
@@ -377,15 +388,23 @@ def _run_layer(
     log.debug("layer %d (%s): ran %d budget(s)", layer, source.arch.layer_kinds[layer].value, len(active))
 
 
+def _is_routed_expert(name: str) -> bool:
+    parsed = parse_tensor_name(name)
+    return parsed is not None and parsed.expert is not None
+
+
 def _block_state(
     slices: list[TensorSlice], parent: dict[str, torch.Tensor], cutter: TensorCutter
-) -> dict[str, torch.Tensor]:
-    """Cut one layer's tensors for a budget, in float32, named as ``NemotronHBlock`` parameters.
+) -> tuple[dict[str, torch.Tensor], dict[str, list[TensorSlice]]]:
+    """Cut one layer's tensors other than routed experts for a budget, in float32.
 
-    The checkpoint stores routed experts one by one (``experts.{e}.up_proj.weight`` is
-    ``[I, H]``). transformers stores them fused as ``experts.up_proj`` ``[E, I, H]`` and
-    ``experts.down_proj`` ``[E, H, I]``, so each cut expert is copied into its slot of one
-    preallocated tensor, in child expert order.
+    Returns:
+        The cut tensors, named as ``NemotronHBlock`` parameters, and the routed experts' slices
+        per projection (``up_proj``, ``down_proj``), in child expert order, for
+        :class:`_CheckpointExperts` to read when it runs.
+
+    Raises:
+        UnsupportedError: If the layer has routed-expert tensors other than the two weights.
     """
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, TensorSlice]] = {}
@@ -403,36 +422,125 @@ def _block_state(
                 "calibration runs transformers' modules, which have no routed-expert biases",
             )
         experts.setdefault(projection.removesuffix(".weight"), {})[parsed.expert] = tensor
-
-    for projection, by_expert in experts.items():
-        order = sorted(by_expert)
-        stacked = torch.empty(len(order), *by_expert[order[0]].target_shape, dtype=torch.float32)
-        for position, expert in enumerate(order):
-            tensor = by_expert[expert]
-            stacked[position].copy_(cutter.cut(parent[tensor.source], tensor.keep))
-        state[f"mixer.experts.{projection}"] = stacked
-    return state
+    ordered = {projection: [by_expert[e] for e in sorted(by_expert)] for projection, by_expert in experts.items()}
+    return state, ordered
 
 
 def _load_block(
-    config: NemotronHConfig, child_layer: int, state: dict[str, torch.Tensor], parent_layer: int
+    config: NemotronHConfig,
+    child_layer: int,
+    state: dict[str, torch.Tensor],
+    experts: dict[str, list[TensorSlice]],
+    parent_layer: int,
+    checkpoint: Checkpoint,
+    cutter: TensorCutter,
 ) -> nn.Module:
-    """Build one ``NemotronHBlock`` of the child config that uses the tensors of ``state``, without random init."""
+    """Build one ``NemotronHBlock`` of the child config that uses the tensors of ``state``, without random init.
+
+    In an MoE block, a :class:`_CheckpointExperts` over ``experts`` replaces transformers'
+    fused experts.
+    """
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHBlock
 
     with torch.device("meta"):
         block = NemotronHBlock(config, layer_idx=child_layer)
-    result = block.load_state_dict(state, strict=False, assign=True)
-    if result.missing_keys:
-        problem = f"transformers' NemotronH block expects {result.missing_keys[0]!r}, which the checkpoint lacks"
-    elif result.unexpected_keys:
-        problem = f"the checkpoint has {result.unexpected_keys[0]!r}, which transformers' NemotronH block lacks"
+    if block.block_type == "moe":
+        problem = _experts_problem(block.mixer.experts, experts)
+        if problem is None:
+            block.mixer.experts = _CheckpointExperts(block.mixer.experts, experts, checkpoint, cutter)
+    elif experts:
+        problem = f"the checkpoint has 'mixer.experts.{min(experts)}', which transformers' NemotronH block lacks"
     else:
-        return block.eval()
+        problem = None
+    if problem is None:
+        result = block.load_state_dict(state, strict=False, assign=True)
+        if result.missing_keys:
+            problem = f"transformers' NemotronH block expects {result.missing_keys[0]!r}, which the checkpoint lacks"
+        elif result.unexpected_keys:
+            problem = f"the checkpoint has {result.unexpected_keys[0]!r}, which transformers' NemotronH block lacks"
+        else:
+            return block.eval()
     raise UnsupportedError(
         f"layer {parent_layer}: {problem}",
         "calibration runs transformers' NemotronH modules; check config.json against the weights",
     )
+
+
+def _experts_problem(fused: nn.Module, experts: dict[str, list[TensorSlice]]) -> str | None:
+    """Describe how a budget's routed-expert tensors fail to fit transformers' fused experts, if they do."""
+    for projection in ("up_proj", "down_proj"):
+        key = f"mixer.experts.{projection}"
+        slices = experts.get(projection, [])
+        expected = tuple(getattr(fused, projection).shape)  # [E, out, in]
+        if not slices:
+            return f"transformers' NemotronH block expects {key!r}, which the checkpoint lacks"
+        if len(slices) != expected[0]:
+            return f"{key} has {len(slices)} routed experts in the checkpoint, but the config has {expected[0]}"
+        for tensor in slices:
+            if tuple(tensor.target_shape) != expected[1:]:
+                return f"{tensor.source} cuts to {list(tensor.target_shape)}, but {key} expects {list(expected[1:])}"
+    return None
+
+
+class _CheckpointExperts(nn.Module):
+    """Routed experts of one MoE block that read each selected expert from the checkpoint as they run.
+
+    Stands in for transformers' ``NemotronHExperts``, which stores every expert of the layer as
+    fused 3-D parameters. :meth:`forward` does the arithmetic of its eager loop (transformers
+    5.25.0) in the same order, on the same float32 values, but reads, cuts and converts one
+    expert's ``up_proj`` and ``down_proj`` at a time and frees them before the next expert. A
+    block that runs several micro-batches reads each selected expert once per micro-batch.
+
+    ``observer``, when set, receives the child expert id and the ``up_proj`` and ``down_proj``
+    inputs of every expert that runs.
+    """
+
+    def __init__(
+        self, fused: nn.Module, experts: dict[str, list[TensorSlice]], checkpoint: Checkpoint, cutter: TensorCutter
+    ) -> None:
+        super().__init__()
+        self.num_experts = fused.num_experts
+        self.act_fn = fused.act_fn
+        self.up_slices = experts["up_proj"]  # child expert -> cut of the parent's [I, H] weight
+        self.down_slices = experts["down_proj"]  # child expert -> cut of the parent's [H, I] weight
+        self.checkpoint = checkpoint
+        self.cutter = cutter
+        self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+
+    def read(self, tensor: TensorSlice, device: torch.device) -> torch.Tensor:
+        """Read one expert weight, cut it for the budget and return it in float32."""
+        return self.cutter.cut(self.checkpoint.read(tensor.source), tensor.keep).float().to(device)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        # hidden_states [tokens, H]; top_k_index and top_k_weights [tokens, top_k]
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+            expert_mask = expert_mask.permute(2, 1, 0)  # [E + 1, top_k, tokens]
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+
+        for expert_idx in expert_hit:
+            expert_idx = expert_idx[0]
+            if expert_idx == self.num_experts:
+                continue
+            expert = int(expert_idx)
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            current_state = hidden_states[token_idx]  # [routed tokens, H]
+            up_proj = self.read(self.up_slices[expert], hidden_states.device)
+            gate = nn.functional.linear(current_state, up_proj)
+            del up_proj
+            current_hidden_states = self.act_fn(gate)  # [routed tokens, I]
+            if self.observer is not None:
+                self.observer(expert, current_state, current_hidden_states)
+            down_proj = self.read(self.down_slices[expert], hidden_states.device)
+            current_hidden_states = nn.functional.linear(current_hidden_states, down_proj)
+            del down_proj
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+
+        return final_hidden_states
 
 
 def _forward(block: nn.Module, run: _BudgetRun, micro_batch: int, device: str | torch.device) -> None:
@@ -466,14 +574,17 @@ def _observe(
     if kv_cache and block.block_type == "full_attention":
         handles.append(block.mixer.k_proj.register_forward_hook(_kv_hook(stats, f"{prefix}.mixer", 0)))
         handles.append(block.mixer.v_proj.register_forward_hook(_kv_hook(stats, f"{prefix}.mixer", 1)))
-    if block.block_type == "moe":
+    experts = block.mixer.experts if block.block_type == "moe" else None
+    if experts is not None:
         assert kept_experts is not None
-        handles.append(block.mixer.experts.register_forward_pre_hook(_experts_hook(stats, layer, kept_experts)))
+        experts.observer = _experts_observer(stats, layer, kept_experts)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if experts is not None:
+            experts.observer = None
 
 
 def _input_hook(stats: _Observations, name: str):
@@ -490,27 +601,18 @@ def _kv_hook(stats: _Observations, prefix: str, index: int):
     return hook
 
 
-def _experts_hook(stats: _Observations, layer: int, kept_experts: tuple[int, ...]):
-    """Observe routed experts, which transformers runs as fused 3-D parameters, not Linear modules.
-
-    For each child expert that the router selected for at least one token, the ``up_proj``
-    input is the routed tokens' hidden states and the ``down_proj`` input is
-    ReLU²(``up_proj``) of them, recomputed here from the same weights.
-    """
+def _experts_observer(stats: _Observations, layer: int, kept_experts: tuple[int, ...]):
+    """Record routed experts' inputs under parent expert ids, and mark each expert that ran as reached."""
     prefix = f"backbone.layers.{layer}.mixer.experts"
+    reached = stats.reached.setdefault(layer, set())
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        hidden, top_k_index = args[0], args[1]  # [tokens, H], [tokens, top_k]
-        reached = stats.reached.setdefault(layer, set())
-        for expert in torch.unique(top_k_index).tolist():
-            routed = hidden[(top_k_index == expert).any(dim=-1)]  # [routed tokens, H]
-            parent_expert = kept_experts[expert]
-            reached.add(parent_expert)
-            stats.record(f"{prefix}.{parent_expert}.up_proj", _amax(routed))
-            down_input = module.act_fn(nn.functional.linear(routed, module.up_proj[expert]))  # [routed tokens, I]
-            stats.record(f"{prefix}.{parent_expert}.down_proj", _amax(down_input))
+    def observe(expert: int, up_input: torch.Tensor, down_input: torch.Tensor) -> None:
+        parent_expert = kept_experts[expert]
+        reached.add(parent_expert)
+        stats.record(f"{prefix}.{parent_expert}.up_proj", _amax(up_input))
+        stats.record(f"{prefix}.{parent_expert}.down_proj", _amax(down_input))
 
-    return hook
+    return observe
 
 
 def _observe_lm_head(source: ElasticSource, runs: list[_BudgetRun], stats: _Observations, cutter: TensorCutter) -> None:
