@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from elastic_cli.errors import UsageError
-from elastic_cli.qad.options import COMPUTE_DTYPES, SCHEDULES, QADOptions
+from elastic_cli.qad.options import COMPUTE_DTYPES, SCHEDULES, EvalOptions, QADOptions
 
 Qad = Annotated[
     bool,
@@ -109,6 +109,33 @@ QadActivationCheckpointing = Annotated[
     ),
 ]
 QadDevice = Annotated[str, typer.Option("--qad-device", help="auto (CUDA when available), cuda or cpu.")]
+EvalData = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--eval-data",
+        help="Held-out text for the perplexity table of a QAD run: plain text, or JSONL with 'text' or chat "
+        "'messages'. Without it nothing is evaluated.",
+        show_default=False,
+    ),
+]
+EvalSeqLen = Annotated[
+    Optional[int],
+    typer.Option(
+        "--eval-seq-len", help="Tokens per evaluation window (default: --qad-seq-len).", min=2, show_default=False
+    ),
+]
+EvalWindows = Annotated[
+    int, typer.Option("--eval-windows", help="Maximum number of evaluation windows, from the start of the text.", min=1)
+]
+EvalBatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--eval-batch-size",
+        help="Evaluation windows per forward pass in each process (default: the training micro-batch).",
+        min=1,
+        show_default=False,
+    ),
+]
 
 _COUNT = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", re.IGNORECASE)
 _COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -202,3 +229,21 @@ def build_qad_options(
         activation_checkpointing=activation_checkpointing,
         device=device,
     )
+
+
+def build_eval_options(
+    *, qad: bool, data: Path | None, seq_len: int | None, max_windows: int, batch_size: int | None
+) -> EvalOptions | None:
+    """Convert the ``--eval-*`` values into :class:`~elastic_cli.qad.options.EvalOptions`.
+
+    Returns:
+        ``None`` without ``--eval-data``, so the run evaluates nothing.
+
+    Raises:
+        UsageError: For ``--eval-data`` without ``--qad``.
+    """
+    if data is None:
+        return None
+    if not qad:
+        raise UsageError("--eval-data is only valid with --qad", "add --qad, or remove --eval-data")
+    return EvalOptions(data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)

@@ -13,7 +13,8 @@ from elastic_cli.cli import qad_options as q
 from elastic_cli.cli.options import BudgetSpec, Quiet, Verbose, Checkpoint, DryRun, Json, Overwrite, Revision
 from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
 from elastic_cli.elastic.source import open_source
-from elastic_cli.quantize.pipeline import QuantizeOptions, plan_for, predicted_sizes, quantize_checkpoint, tensor_parallel
+from elastic_cli.errors import UsageError
+from elastic_cli.qad.options import DEFAULT_MAX_WINDOWS, row_label
 from elastic_cli.quantize.policy import RECIPES
 
 Format = Annotated[str, typer.Option("--format", "-f", help="Weight format: fp8 or nvfp4.", show_default=False)]
@@ -79,6 +80,10 @@ def quantize(
     qad_dtype: q.QadDtype = "float32",
     qad_activation_checkpointing: q.QadActivationCheckpointing = False,
     qad_device: q.QadDevice = "auto",
+    eval_data: q.EvalData = None,
+    eval_seq_len: q.EvalSeqLen = None,
+    eval_windows: q.EvalWindows = DEFAULT_MAX_WINDOWS,
+    eval_batch_size: q.EvalBatchSize = None,
 ) -> None:
     """Quantize weights to FP8 or NVFP4 with calibrated activation scales.
 
@@ -94,9 +99,12 @@ def quantize(
         elastic quantize ./Nemotron-Elastic-30B --format nvfp4 --recipe mixed --dry-run
 
         elastic quantize ./Nemotron-Elastic-30B --format nvfp4 --qad --qad-steps 1000 --output ./qad
+
+        elastic quantize ./Nemotron-Elastic-30B --format nvfp4 --qad --qad-steps 1000 --eval-data heldout.jsonl --output ./qad
     """
     configure_logging(verbose, quiet, keep_global=True)
-    from elastic_cli.errors import UsageError
+    # Imported here, not at the top, because it loads torch, which slice and inspect never need.
+    from elastic_cli.quantize.pipeline import QuantizeOptions, plan_for, predicted_sizes, quantize_checkpoint, tensor_parallel
 
     if output is None and not dry_run:
         raise UsageError("no --output given", "pass --output DIR, or --dry-run to see the plan")
@@ -105,9 +113,11 @@ def quantize(
         calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"),
     )
+    evaluation = q.build_eval_options(
+        qad=qad, data=eval_data, seq_len=eval_seq_len, max_windows=eval_windows, batch_size=eval_batch_size
+    )
     if qad and not dry_run:
-        from elastic_cli.qad import run_qad
-        from elastic_cli.qad.train import read_state_argument
+        from elastic_cli.qad.train import read_state_argument, run_qad
 
         qad_options = q.build_qad_options(
             data=qad_data, steps=qad_steps, tokens=qad_tokens, seq_len=qad_seq_len, batch_size=qad_batch_size,
@@ -119,7 +129,10 @@ def quantize(
             activation_checkpointing=qad_activation_checkpointing, device=qad_device,
         )
         state = read_state_argument(qad_state) if qad_state else None
-        outcome = run_qad(checkpoint, options, output, qad_options, revision=revision, state=state, overwrite=overwrite)
+        outcome = run_qad(
+            checkpoint, options, output, qad_options, revision=revision, state=state, evaluation=evaluation,
+            overwrite=overwrite,
+        )
         if outcome.quantized is None:  # another rank under torchrun, or stopped early by --qad-stop-at-step
             return
         losses = {}
@@ -130,7 +143,8 @@ def quantize(
             "source": checkpoint, "written": True, "path": str(result.path), "bytes": result.total_bytes,
             "files": list(result.files), "plan": result.plan.to_json(), "predicted_bytes": result.predicted_bytes,
             "qad": {"steps": outcome.steps, "tokens": outcome.tokens, "last_loss_per_budget": losses,
-                    "checkpoint": str(outcome.checkpoint) if outcome.checkpoint else None},
+                    "checkpoint": str(outcome.checkpoint) if outcome.checkpoint else None,
+                    "evaluation": outcome.evaluation.to_json() if outcome.evaluation else None},
         }, json, _render)
         return
     source = open_source(checkpoint, revision, budget_spec, require_budgets=False)
@@ -174,3 +188,26 @@ def _render(console: Console, data: dict[str, Any]) -> None:
         console.print(f"wrote {data['path']} ({format_bytes(data['bytes'])}): {', '.join(data['files'])}")
         if data.get("unreached_experts"):
             console.print(f"experts no calibration token reached: {data['unreached_experts']}", style="yellow")
+    if data.get("qad"):
+        _render_qad(console, data["qad"])
+
+
+def _render_qad(console: Console, qad: dict[str, Any]) -> None:
+    losses = ", ".join(f"{budget} {loss:.4g}" for budget, loss in qad["last_loss_per_budget"].items())
+    console.print(f"QAD: {qad['steps']} steps, {qad['tokens']:,} tokens; last KL per token: {losses}")
+    evaluation = qad["evaluation"]
+    if evaluation is None:
+        console.print("held-out perplexity: not evaluated (pass --eval-data FILE)")
+        return
+    console.print(
+        f"held-out perplexity on {evaluation['data']['name']}: {evaluation['windows']} windows of "
+        f"{evaluation['seq_len']} tokens, {evaluation['dtype']} forward, weights fake-quantized"
+    )
+    table = Table()
+    table.add_column("weights", justify="left")
+    for budget in evaluation["budgets"]:
+        table.add_column(budget, justify="right")
+    for row in evaluation["rows"]:
+        values = evaluation["perplexity"][row]
+        table.add_row(row_label(row), *(f"{values[budget]:.2f}" for budget in evaluation["budgets"]))
+    console.print(table)

@@ -13,7 +13,8 @@ gradients. Budgets cut NVFP4 inputs only at multiples of 16, and fake quantizati
 scale shared by all budgets. So quantizing before the cut equals quantizing the sliced weight, and
 the student's budget-``b`` forward equals the forward of the budget-``b`` child sliced from the
 exported checkpoint. A teacher keeps the stored tensors as frozen parameters and cuts them as they
-are.
+are. Inside :func:`fake_quantized` a teacher runs as its post-training-quantized model instead,
+which the evaluation uses to score the PTQ starting points without a second copy of the weights.
 
 The layers run as transformers' own ``NemotronHBlock`` modules of each child config. They are
 built once per budget on the meta device and called with :func:`torch.func.functional_call`, so
@@ -29,6 +30,8 @@ expert order into ``mixer.experts.up_proj`` ``[E, I, H]`` (``down_proj`` likewis
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -38,10 +41,11 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
 from elastic_cli.arch.nemotron_h import parse_tensor_name
-from elastic_cli.checkpoint.safetensors_io import DTYPES, TensorInfo
+from elastic_cli.checkpoint.safetensors_io import TensorInfo
+from elastic_cli.checkpoint.torch_dtypes import TORCH_DTYPES
 from elastic_cli.elastic.plan import Keep, SlicePlan
 from elastic_cli.errors import ElasticError, UnsupportedError
-from elastic_cli.formats import FormatError
+from elastic_cli.formats.errors import FormatError
 from elastic_cli.qad.fake_quant import fake_quantize, round_to_stored, weight_scale
 from elastic_cli.quantize.export import ModuleScales
 
@@ -202,7 +206,8 @@ class _Weights:
             if scale.device != tensor.device:
                 scale = scale.to(tensor.device)
                 self._scales[name] = scale
-            return cut(fake_quantize(tensor, fmt, scale, stored), dims).to(dtype)
+            # A float32 input makes a BF16 teacher under fake_quantized dequantize to float32, as the student does.
+            return cut(fake_quantize(tensor.float(), fmt, scale, stored), dims).to(dtype)
         value = cut(tensor, dims)
         if self.fake_quant:
             value = round_to_stored(value, stored)  # elementwise, so it commutes with the cut
@@ -339,25 +344,9 @@ def build_nested(
     _build_tree(model, tensors, layers, fake_quant)
     model.tie_word_embeddings = LM_HEAD not in tensors
 
-    quantized = quantized or {}
-    stored = {name: DTYPES[info.dtype][0] for name, info in tensors.items()}
-    modules = {}
-    if fake_quant:
-        modules = {f"{module}.weight": (scales.format, scales) for module, scales in quantized.items()}
-    for name, (_, scales) in modules.items():
-        try:
-            weight_scale(scales)
-        except (FormatError, ValueError) as error:
-            raise ElasticError(
-                f"cannot fake-quantize '{name}' with weight amax {scales.weight_amax}: {error}",
-                "keep this module in BF16 with --exclude",
-            ) from error
-    model.weights = _Weights(fake_quant, compute_dtype, stored, modules)
-    for layer in layers:
-        prefix = f"backbone.layers.{layer.parent_layer}."
-        local_stored = {name[len(prefix) :]: dtype for name, dtype in stored.items() if name.startswith(prefix)}
-        local_quantized = {name[len(prefix) :]: value for name, value in modules.items() if name.startswith(prefix)}
-        layer.weights = _Weights(fake_quant, compute_dtype, local_stored, local_quantized)
+    stored = {name: TORCH_DTYPES[info.dtype] for name, info in tensors.items()}
+    modules = _quantized_weights(quantized or {}) if fake_quant else {}
+    _install_weights(model, layers, _Weights(fake_quant, compute_dtype, stored, modules))
 
     cache = _IndexCache(device)
     for plan in plans:
@@ -388,6 +377,57 @@ def build_nested(
             layer.runs.append(_LayerRun(block, by_layer.get(layer.parent_layer, [])))
         model.views.append(view)
     return model
+
+
+def _quantized_weights(quantized: dict[str, ModuleScales]) -> dict[str, tuple[str, ModuleScales]]:
+    """Map each quantized module's weight name to its format and scales, checking every weight scale."""
+    modules = {f"{module}.weight": (scales.format, scales) for module, scales in quantized.items()}
+    for name, (_, scales) in modules.items():
+        try:
+            weight_scale(scales)
+        except (FormatError, ValueError) as error:
+            raise ElasticError(
+                f"cannot fake-quantize '{name}' with weight amax {scales.weight_amax}: {error}",
+                "keep this module in BF16 with --exclude",
+            ) from error
+    return modules
+
+
+def _install_weights(model: NestedNemotronH, layers: list[NestedLayer], weights: _Weights) -> None:
+    """Give the root and every layer its conversion. A layer's tensor names are local to the layer."""
+    model.weights = weights
+    for layer in layers:
+        prefix = f"backbone.layers.{layer.parent_layer}."
+        local_stored = {name[len(prefix) :]: dtype for name, dtype in weights.stored.items() if name.startswith(prefix)}
+        local_quantized = {
+            name[len(prefix) :]: value for name, value in weights.quantized.items() if name.startswith(prefix)
+        }
+        layer.weights = _Weights(weights.fake_quant, weights.compute_dtype, local_stored, local_quantized)
+
+
+@contextlib.contextmanager
+def fake_quantized(model: NestedNemotronH, quantized: dict[str, ModuleScales]) -> Iterator[NestedNemotronH]:
+    """Run a teacher as its post-training-quantized model inside the block, without copying a weight.
+
+    Inside the block the forward fake-quantizes every module of ``quantized`` from the stored
+    weights with those scales. It then equals the forward of a student whose master weights are
+    the stored weights (weights only: activations are not quantized). The teacher's own
+    conversion is restored when the block exits.
+
+    Raises:
+        ElasticError: For a weight amax the module's format cannot represent.
+    """
+    assert model.weights is not None
+    saved = (model.weights, [layer.weights for layer in model.layers])
+    current = model.weights
+    modules = _quantized_weights(quantized)
+    _install_weights(model, model.layers, _Weights(True, current.compute_dtype, current.stored, modules))
+    try:
+        yield model
+    finally:
+        model.weights = saved[0]
+        for layer, weights in zip(model.layers, saved[1]):
+            layer.weights = weights
 
 
 def _layer_cut(source: str, target: str, parent_layer: int, dims: Dims) -> _Cut:
@@ -424,7 +464,7 @@ def _build_tree(
                 child = _Node()
                 node.add_module(part, child)
             node = child
-        dtype = torch.float32 if fake_quant else DTYPES[info.dtype][0]
+        dtype = torch.float32 if fake_quant else TORCH_DTYPES[info.dtype]
         value = torch.empty(info.shape, dtype=dtype, device="meta")
         if name.endswith(BUFFER_SUFFIXES):
             node.register_buffer(parts[-1], value)

@@ -6,14 +6,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from elastic_cli.elastic.plan import SlicePlan
 from elastic_cli.errors import UsageError
 
 THREE_BUDGET_PROBABILITIES = (0.5, 0.3, 0.2)
 SCHEDULES = ("cosine", "linear", "constant")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")  # names of torch dtypes, so the CLI starts without torch
+DEFAULT_MAX_WINDOWS = 128
 
 
 @dataclass(frozen=True)
@@ -176,3 +175,42 @@ def lr_factor(step: int, options: QADOptions, total_steps: int) -> float:
     if options.schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
     return 1.0
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Evaluation options of a QAD run: the held-out text and how it is cut and batched.
+
+    Attributes:
+        data: Held-out text, in the formats ``--calib-data`` accepts (plain text, or JSONL with
+            ``text`` or chat ``messages``), tokenized with the checkpoint's tokenizer.
+        seq_len: Tokens per window; ``None`` uses the training sequence length.
+        max_windows: Maximum number of windows, taken from the start of the text.
+        batch_size: Windows per forward pass in each process; ``None`` uses the training
+            micro-batch (each process's share of the global batch when that is unset).
+    """
+
+    data: Path
+    seq_len: int | None = None
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    batch_size: int | None = None
+
+
+def check_eval_options(options: EvalOptions) -> None:
+    """Reject evaluation options that cannot run.
+
+    Raises:
+        UsageError: Naming the option and its value.
+    """
+    counts = {"--eval-seq-len": options.seq_len, "--eval-windows": options.max_windows,
+              "--eval-batch-size": options.batch_size}
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{name} is {value}", "it must be at least 1")
+    if options.seq_len == 1:
+        raise UsageError("--eval-seq-len is 1, so no window has a token to predict", "use at least 2 tokens")
+
+
+def row_label(row: str) -> str:
+    """Return a row's display name: ``nvfp4_qad`` becomes ``NVFP4 QAD``."""
+    return row.replace("_", " ").upper()

@@ -43,18 +43,19 @@ from typing import Any
 import torch
 
 from elastic_cli.checkpoint.reader import Checkpoint
-from elastic_cli.checkpoint.safetensors_io import DTYPES
+from elastic_cli.checkpoint.torch_dtypes import TORCH_DTYPES
 from elastic_cli.checkpoint.writer import write_text
 from elastic_cli.elastic.plan import build_plan, check_sliceable
 from elastic_cli.elastic.source import ElasticSource, open_source
 from elastic_cli.errors import CheckpointError, ElasticError, UnsupportedError, UsageError
-from elastic_cli.formats import FormatError
+from elastic_cli.formats.errors import FormatError
 from elastic_cli.formats.constants import NVFP4_BLOCK_SIZE
 from elastic_cli.qad import distributed
 from elastic_cli.qad.data import TokenStream, load_training_tokens, sample_budget
 from elastic_cli.qad.distributed import DistContext
-from elastic_cli.qad.nested import build_nested
-from elastic_cli.qad.options import COMPUTE_DTYPES, QADOptions, budget_probabilities, check_options, lr_factor
+from elastic_cli.qad.evaluate import EvalReport, Evaluator, load_eval_windows
+from elastic_cli.qad.nested import build_nested, fake_quantized
+from elastic_cli.qad.options import EvalOptions, QADOptions, budget_probabilities, check_eval_options, check_options, lr_factor
 from elastic_cli.quantize import export
 from elastic_cli.quantize.pipeline import (
     QuantizeOptions,
@@ -98,6 +99,8 @@ class QADResult:
         history: Every step's record, from step 1 (including steps before a resume).
         checkpoint: The last checkpoint folder written.
         quantized: The export, on rank 0 of a run that reached the end; ``None`` otherwise.
+        evaluation: Held-out perplexity per row and budget, when the run was given evaluation
+            options and reached the end; ``None`` otherwise.
     """
 
     steps: int
@@ -105,6 +108,7 @@ class QADResult:
     history: list[StepRecord]
     checkpoint: Path | None
     quantized: QuantizeResult | None = None
+    evaluation: EvalReport | None = None
 
 
 def kl_divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -157,7 +161,7 @@ class QADTrainer:
         self.plans = [build_plan(source.arch, source.checkpoint.config, tensors, budget) for budget in budgets]
         self.probabilities = budget_probabilities(self.plans, options.budget_probabilities)
 
-        compute_dtype = COMPUTE_DTYPES[options.compute_dtype]
+        compute_dtype = getattr(torch, options.compute_dtype)
         quantized = {module: state.modules[module] for module in plan.quantized}
         device = self.context.device
         self.student = build_nested(
@@ -405,7 +409,7 @@ class QADTrainer:
         gathered: dict[str, torch.Tensor] = {}
         for name, tensor in distributed.full_tensors(self.student, self.context):
             if self.context.is_main:
-                gathered[name] = tensor.to(DTYPES[infos[name].dtype][0]).cpu()
+                gathered[name] = tensor.to(TORCH_DTYPES[infos[name].dtype]).cpu()
         return gathered if self.context.is_main else None
 
     def export(self, options: QuantizeOptions, output: Path, overwrite: bool = False) -> QuantizeResult | None:
@@ -589,6 +593,7 @@ def run_qad(
     revision: str | None = None,
     state: QuantizerState | None = None,
     token_ids: torch.Tensor | None = None,
+    evaluation: EvalOptions | None = None,
     overwrite: bool = False,
 ) -> QADResult:
     """Run nested QAD on a BF16 elastic checkpoint and export the quantized result.
@@ -606,11 +611,15 @@ def run_qad(
             elastic checkpoint; ``None`` calibrates as ``elastic quantize`` does.
         token_ids: Training sequences ``[sequences, qad.seq_len]``; ``None`` tokenizes
             ``qad.data`` (or the built-in text) with the checkpoint's tokenizer.
+        evaluation: Held-out text and windows to evaluate every budget on, before training
+            (BF16, FP8 PTQ and the run's PTQ starting point) and after it; ``None`` evaluates
+            nothing. A run stopped by ``qad.stop_at_step`` evaluates nothing, and the run that
+            reaches the last step evaluates every row.
         overwrite: Replace an existing output folder.
 
     Returns:
         The steps done, the loss history, the last checkpoint and, on rank 0 after the last
-        step, the export.
+        step, the export and the evaluation.
 
     Raises:
         UsageError: For invalid options.
@@ -630,6 +639,14 @@ def run_qad(
             raise OutputError(f"output folder {output} already exists", "pass --overwrite to replace it")
         plan = plan_for(source, options)
         _check_nesting(source, plan)
+        # Checked before the training text, which can take far longer to tokenize.
+        eval_windows, fp8_options, fp8_plan = None, None, None
+        if evaluation is not None:
+            check_eval_options(evaluation)
+            eval_windows = load_eval_windows(source, evaluation, evaluation.seq_len or qad.seq_len)
+            _warn_if_training_text(evaluation, qad)
+            fp8_options = _fp8_row_options(options)
+            fp8_plan = plan_for(source, fp8_options) if fp8_options is not None else None
 
         if token_ids is not None:
             tokens = TokenStream(token_ids, qad.seed)
@@ -656,6 +673,13 @@ def run_qad(
                 trainer.step, until, qad.batch_size, qad.seq_len, probabilities, qad.lr, qad.schedule,
                 context.world_size, context.device,
             )
+        evaluator = None
+        if evaluation is not None and eval_windows is not None and until == total:
+            batch = evaluation.batch_size or qad.micro_batch or qad.batch_size // context.world_size
+            evaluator = Evaluator(eval_windows, batch, context, trainer.budget_names, evaluation.data, qad.compute_dtype)
+            _evaluate_starting_points(evaluator, trainer, source, (fp8_options, fp8_plan), options)
+        elif evaluation is not None and context.is_main:
+            log.info("QAD stops at step %d of %d; the evaluation runs when a resumed run reaches the end", until, total)
         trainer.train(until)
         last = checkpoint_folder(checkpoint_dir, trainer.step)
         if not (last / TRAINER_FILE).is_file():
@@ -667,11 +691,64 @@ def run_qad(
                     "QAD stopped at step %d of %d; resume with the same options and --qad-resume", trainer.step, total
                 )
             return result
+        if evaluator is not None:
+            evaluator.evaluate(f"{options.format}_qad", trainer.student)
+            result.evaluation = evaluator.report
         result.quantized = trainer.export(options, output, overwrite=overwrite)
         return result
     finally:
         source.close()
         distributed.close(context)
+
+
+def _fp8_row_options(options: QuantizeOptions) -> QuantizeOptions | None:
+    """Return the ``elastic quantize --format fp8`` options for the FP8 PTQ row (``None`` for an FP8 run).
+
+    The recipe, excludes and calibration options are the run's own. FP8 rejects the mixed
+    recipe, so that recipe's FP8 row uses the nvidia recipe.
+    """
+    if options.format == "fp8":
+        return None
+    recipe = "nvidia" if options.recipe == "mixed" else options.recipe
+    return dataclasses.replace(options, format="fp8", recipe=recipe)
+
+
+def _warn_if_training_text(evaluation: EvalOptions, qad: QADOptions) -> None:
+    if qad.data is not None and Path(qad.data).resolve() == Path(evaluation.data).resolve():
+        log.warning(
+            "the evaluation text %s is also the QAD training text, so its perplexity is not a held-out figure",
+            evaluation.data,
+        )
+
+
+def _evaluate_starting_points(
+    evaluator: Evaluator,
+    trainer: QADTrainer,
+    source: ElasticSource,
+    fp8: tuple[QuantizeOptions | None, QuantPlan | None],
+    options: QuantizeOptions,
+) -> None:
+    """Evaluate the BF16 teacher, its FP8 PTQ and the run's PTQ starting point, before training.
+
+    The FP8 state is calibrated as ``elastic quantize --format fp8`` calibrates it. Only its
+    weight amax values change the figures, because activations are not fake-quantized.
+    """
+    teacher = trainer.teacher
+    evaluator.evaluate("bf16", teacher)
+    run_ptq = {module: trainer.state.modules[module] for module in trainer.plan.quantized}
+    fp8_options, fp8_plan = fp8
+    if fp8_options is None or fp8_plan is None:  # the run itself is FP8
+        fp8_ptq = run_ptq
+    else:
+        started = time.monotonic()
+        fp8_state = _starting_state(source, fp8_plan, fp8_options, None, trainer.context, "for the FP8 PTQ evaluation")
+        fp8_ptq = {module: fp8_state.modules[module] for module in fp8_plan.quantized}
+        evaluator.report.seconds += time.monotonic() - started
+    with fake_quantized(teacher, fp8_ptq):
+        evaluator.evaluate("fp8_ptq", teacher)
+    if options.format != "fp8":
+        with fake_quantized(teacher, run_ptq):
+            evaluator.evaluate(f"{options.format}_ptq", teacher)
 
 
 def _check_nesting(source: ElasticSource, plan: QuantPlan) -> None:
@@ -686,13 +763,18 @@ def _check_nesting(source: ElasticSource, plan: QuantPlan) -> None:
 
 
 def _starting_state(
-    source: ElasticSource, plan: QuantPlan, options: QuantizeOptions, state: QuantizerState | None, context: DistContext
+    source: ElasticSource,
+    plan: QuantPlan,
+    options: QuantizeOptions,
+    state: QuantizerState | None,
+    context: DistContext,
+    purpose: str = "before QAD",
 ) -> QuantizerState:
     """Return the completed PTQ state: given, or calibrated on rank 0 and shared with every process."""
     if state is not None:
         return complete_state(source, plan, state)
     def calibrate() -> dict[str, Any]:
-        log.info("calibrating %d module(s) before QAD", len(plan.quantized))
+        log.info("calibrating %d module(s) %s", len(plan.quantized), purpose)
         return complete_state(source, plan, calibrate_state(source, plan, options)).to_json()
 
     document = distributed.broadcast_object(distributed.run_on_main(calibrate, context, "calibrating"), context)
