@@ -6,7 +6,8 @@ import pytest
 import torch
 from modelopt.torch.quantization.qtensor import FP8QTensor
 
-from elastic_cli.formats import FormatError, fp8
+from elastic_cli.formats import fp8
+from elastic_cli.formats.errors import FormatError
 
 
 def fp8_bits(tensor: torch.Tensor) -> list:
@@ -119,6 +120,38 @@ def test_quantize_clamps_beyond_448(value):
     quantized = fp8.quantize(torch.tensor([value, -value]), 1.0)
 
     assert fp8_bits(quantized) == [0x7E, 0xFE], f"+-{value} should saturate to +-448"
+
+
+def record_clamp_calls(monkeypatch) -> list:
+    calls = []
+    original_clamp_ = torch.Tensor.clamp_
+
+    def recording_clamp_(self, *args, **kwargs):
+        calls.append(self.numel())
+        return original_clamp_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clamp_", recording_clamp_)
+    return calls
+
+
+# 448.000030517578125 is the next float32 above 448.
+@pytest.mark.parametrize("value", [448.000030517578125, 464.0, 1e30])
+def test_quantize_clamps_quotients_above_448(monkeypatch, value):
+    clamp_calls = record_clamp_calls(monkeypatch)
+
+    quantized = fp8.quantize(torch.tensor([value, -1.0]), 1.0)
+
+    assert clamp_calls, f"quotient {value!r} is above 448, so the clamp must run"
+    assert fp8_bits(quantized) == [0x7E, 0xB8]
+
+
+def test_quantize_skips_clamp_when_quotients_in_range(monkeypatch):
+    clamp_calls = record_clamp_calls(monkeypatch)
+
+    quantized = fp8.quantize(torch.tensor([448.0, -448.0, 1.0]), 1.0)
+
+    assert clamp_calls == [], "max |x| / scale is 448, so the clamp would change nothing"
+    assert fp8_bits(quantized) == [0x7E, 0xFE, 0x38]
 
 
 def test_quantize_small_scale_has_no_nan_bytes():
@@ -255,6 +288,46 @@ def test_quantize_matches_modelopt(kind, dtype):
     assert torch.equal(quantized.view(torch.uint8), expected._quantized_data.view(torch.uint8)), (
         "FP8 bytes differ from ModelOpt"
     )
+
+
+def boundary_weight(numel: int, chunk_elements: int, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian weight with distinct outliers on both sides of each chunk boundary and at the end."""
+    generator = torch.Generator().manual_seed(numel)
+    weight = torch.randn(numel, generator=generator)
+    for boundary in range(chunk_elements, numel, chunk_elements):
+        weight[boundary - 1] = 50.0
+        weight[boundary] = -70.0
+    weight[-1] = 90.0
+    return weight.to(dtype)
+
+
+CHUNK = fp8._CPU_CHUNK_ELEMENTS
+BOUNDARY_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", BOUNDARY_DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 777])
+def test_quantize_chunk_boundaries_match_modelopt(numel, dtype):
+    weight = boundary_weight(numel, CHUNK, dtype)
+    scale = fp8.per_tensor_scale(fp8.amax(weight))
+    expected, _ = FP8QTensor.quantize(weight.float(), scales=scale)
+
+    quantized = fp8.quantize(weight, scale)
+
+    assert torch.equal(quantized.view(torch.uint8), expected._quantized_data.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", BOUNDARY_DTYPES, ids=str)
+def test_quantize_many_small_chunks_match_modelopt(monkeypatch, dtype):
+    monkeypatch.setattr(fp8, "_CPU_CHUNK_ELEMENTS", 1000)
+    weight = boundary_weight(10_007, 1000, dtype).reshape(1, 10_007)
+    scale = fp8.per_tensor_scale(fp8.amax(weight))
+    expected, _ = FP8QTensor.quantize(weight.float(), scales=scale)
+
+    quantized = fp8.quantize(weight, scale)
+
+    assert quantized.shape == (1, 10_007)
+    assert torch.equal(quantized.view(torch.uint8), expected._quantized_data.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", ORACLE_DTYPES, ids=str)
