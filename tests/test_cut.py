@@ -67,6 +67,12 @@ def test_index_cache_keyed_by_tuple():
     assert cutter.cut(array, (first,)).tolist() == [1, 3]
 
 
+@pytest.mark.parametrize("keep", [(0, 8), (8,), (0, 1, 2, 3, 4, 5, 6, 7, 8), (2, -1, 9)])
+def test_out_of_range_index_raises(keep):
+    with pytest.raises(IndexError, match="out of range"):
+        ArrayCutter().cut(np.arange(8, dtype=np.int16), (keep,))
+
+
 @pytest.mark.parametrize(
     ("dtype", "value", "bits"),
     [
