@@ -4,7 +4,8 @@ Part 1 quantizes the same BF16 weights with ``elastic_cli.formats`` and with Mod
 ``NVFP4QTensor.quantize`` / ``FP8QTensor.quantize`` in one process, alternating, and reports GB of
 BF16 weights per second and the ratio (the best of ``--repeats`` runs each). Part 2 runs
 ``elastic quantize --format fp8`` (with calibration) on synthetic checkpoints of growing size
-with real Nemotron 3 Nano widths and records peak RSS next to the checkpoint size. FP8 is used
+with real Nemotron 3 Nano widths and records peak RSS next to the checkpoint size and the sizes of
+its largest layer and largest tensor, read from the shard headers. FP8 is used
 there because the benchmark checkpoints' random masks do not keep whole blocks of 16, which an
 NVFP4 elastic parent needs.
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -55,14 +57,20 @@ def elastic_fp8(weight: torch.Tensor) -> None:
     fp8.quantize(weight, fp8.per_tensor_scale(fp8.amax(weight)))
 
 
-def best_time(function, weights: list[torch.Tensor], repeats: int) -> float:
-    times = []
+def best_times(functions: list, weights: list[torch.Tensor], repeats: int) -> list[float]:
+    """Time each function over all weights, alternating functions within each repeat.
+
+    Alternating exposes every function to the same changes in machine load. Returns the fastest
+    time in seconds of each function, in the order given.
+    """
+    best = [float("inf")] * len(functions)
     for _ in range(repeats):
-        started = time.perf_counter()
-        for weight in weights:
-            function(weight)
-        times.append(time.perf_counter() - started)
-    return min(times)
+        for index, function in enumerate(functions):
+            started = time.perf_counter()
+            for weight in weights:
+                function(weight)
+            best[index] = min(best[index], time.perf_counter() - started)
+    return best
 
 
 def function_throughput(repeats: int) -> list[dict]:
@@ -74,8 +82,7 @@ def function_throughput(repeats: int) -> list[dict]:
     for name, ours, theirs in [("nvfp4", elastic_nvfp4, modelopt_nvfp4), ("fp8", elastic_fp8, modelopt_fp8)]:
         ours(weights[0])
         theirs(weights[0])
-        elastic_s = best_time(ours, weights, repeats)
-        modelopt_s = best_time(theirs, weights, repeats)
+        elastic_s, modelopt_s = best_times([ours, theirs], weights, repeats)
         rows.append(
             {
                 "format": name,
@@ -88,6 +95,38 @@ def function_throughput(repeats: int) -> list[dict]:
             }
         )
     return rows
+
+
+def tensor_bytes(checkpoint: Path) -> dict[str, int]:
+    """Read the byte size of every tensor from the checkpoint's safetensors headers."""
+    sizes = {}
+    for shard in checkpoint.glob("*.safetensors"):
+        with shard.open("rb") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+        for name, info in header.items():
+            if name != "__metadata__":
+                sizes[name] = info["data_offsets"][1] - info["data_offsets"][0]
+    return sizes
+
+
+def layer_figures(checkpoint: Path) -> dict[str, int]:
+    """Return the largest tensor, the largest layer, and the largest layer without its routed experts, in bytes."""
+    sizes = tensor_bytes(checkpoint)
+    layers: dict[int, int] = {}
+    layers_without_experts: dict[int, int] = {}
+    for name, nbytes in sizes.items():
+        match = re.match(r"backbone\.layers\.(\d+)\.", name)
+        if match is None:
+            continue
+        layer = int(match.group(1))
+        layers[layer] = layers.get(layer, 0) + nbytes
+        if ".mixer.experts." not in name:
+            layers_without_experts[layer] = layers_without_experts.get(layer, 0) + nbytes
+    return {
+        "largest_tensor_bytes": max(sizes.values()),
+        "largest_layer_bytes": max(layers.values()),
+        "largest_layer_without_routed_experts_bytes": max(layers_without_experts.values()),
+    }
 
 
 def quantize_rss(checkpoints: list[Path], workdir: Path) -> list[dict]:
@@ -109,6 +148,7 @@ def quantize_rss(checkpoints: list[Path], workdir: Path) -> list[dict]:
             {
                 "checkpoint": checkpoint.name,
                 "checkpoint_bytes": size,
+                **layer_figures(checkpoint),
                 "exit_status": status,
                 "seconds": elapsed,
                 "peak_rss_bytes": usage.ru_maxrss * 1024,
@@ -152,7 +192,13 @@ def main() -> None:
             f"{row['modelopt_gb_per_s']:.3f} | {row['speedup']:.2f}x |"
         )
     for row in report.get("quantize_rss", []):
-        print(f"{row['checkpoint']}: {row['checkpoint_bytes'] / 1e9:.2f} GB, peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB, {row['seconds']:.1f} s")
+        print(
+            f"{row['checkpoint']}: {row['checkpoint_bytes'] / 1e9:.2f} GB, largest layer "
+            f"{row['largest_layer_bytes'] / 1e9:.2f} GB "
+            f"({row['largest_layer_without_routed_experts_bytes'] / 1e9:.2f} GB without routed experts), "
+            f"largest tensor {row['largest_tensor_bytes'] / 1e9:.2f} GB, "
+            f"peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB, {row['seconds']:.1f} s, exit status {row['exit_status']}"
+        )
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"quantize-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(report, indent=2))
