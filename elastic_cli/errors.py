@@ -7,6 +7,8 @@ traceback only when ``ELASTIC_DEBUG=1`` is set. Library code raises them instead
 
 from __future__ import annotations
 
+import errno
+
 
 class ElasticError(Exception):
     """Base class of every failure caused by input, options or the environment.
@@ -53,3 +55,22 @@ class OutputError(ElasticError):
 
 class UnsupportedError(ElasticError):
     """A valid request that this version of elastic does not handle."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Tell whether an exception means that memory ran out or a memory limit was reached.
+
+    Besides ``MemoryError``, that is an ``OSError`` with ``ENOMEM`` (a refused ``mmap``), an
+    ``ImportError`` from the dynamic loader failing to map a library, and torch's allocator
+    errors, which are ``RuntimeError`` ("can't allocate memory" on CPU, "out of memory" on CUDA).
+    """
+    if isinstance(error, MemoryError):
+        return True
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOMEM
+    text = str(error)
+    if isinstance(error, ImportError):
+        return "failed to map segment" in text or "Cannot allocate memory" in text
+    if isinstance(error, RuntimeError):
+        return "can't allocate memory" in text or "out of memory" in text
+    return False

@@ -226,8 +226,8 @@ def test_stopped_run_evaluates_at_the_end(parent, tmp_path):
     [
         ("missing", "evaluation data .*missing.txt not found"),
         ("folder", "evaluation data .* is a folder"),
-        ("empty", "invalid evaluation data: .* contains no text"),
-        ("invalid-jsonl", "invalid evaluation data: .* line 1 is not valid JSON"),
+        ("empty", "evaluation data .* contains no text"),
+        ("invalid-jsonl", "evaluation data .* line 1 is not valid JSON"),
         ("too-short", "evaluation data .* has \\d+ tokens, fewer than one window of 4096"),
     ],
 )

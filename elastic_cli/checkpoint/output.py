@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from elastic_cli.checkpoint.writer import output_error
-from elastic_cli.errors import OutputError
+from elastic_cli.errors import OutputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,23 @@ log = logging.getLogger(__name__)
 REGENERATED = {"config.json", "model.safetensors.index.json", "README.md", "elastic_config.json", "elastic-manifest.json"}
 
 
-def check_destination(output: Path, overwrite: bool) -> None:
-    """Fail early when the destination exists (without ``overwrite``) or cannot be created."""
+def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Fail early when the destination exists (without ``overwrite``) or cannot be created.
+
+    Raises:
+        UsageError: If the destination is one of ``inputs`` or a folder that contains one,
+            which replacing it would delete.
+        OutputError: If the destination exists without ``overwrite``, is a file, or cannot
+            be created or written.
+    """
+    target = output.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if source == target or target in source.parents:
+            raise UsageError(
+                f"--output {output} would replace the input {source}",
+                "choose an output folder that neither is nor contains the input",
+            )
     if output.exists() and not overwrite:
         raise OutputError(f"output {output} already exists", "pass --overwrite to replace it, or choose another --output")
     if output.exists() and not output.is_dir():

@@ -121,13 +121,13 @@ class Journal:
 
 
 @contextmanager
-def resumable_folder(output: Path, overwrite: bool, key: str) -> Iterator[Journal]:
+def resumable_folder(output: Path, overwrite: bool, key: str, inputs: tuple[Path, ...] = ()) -> Iterator[Journal]:
     """Yield the journal of a work folder that replaces ``output`` when the block completes.
 
     On failure or interrupt, unfinished files are removed and finished ones kept for the next
-    run with the same key.
+    run with the same key. ``output`` may neither be nor contain one of ``inputs``.
     """
-    check_destination(output, overwrite)
+    check_destination(output, overwrite, inputs)
     work = output.parent / f".{output.name}{RESUME_MARKER}{key[:16]}"
     for stale in output.parent.glob(f".{output.name}{RESUME_MARKER}*"):
         if stale != work:

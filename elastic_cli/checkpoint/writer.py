@@ -29,7 +29,7 @@ import numpy as np
 
 from elastic_cli.checkpoint.reader import INDEX_NAME, SINGLE_NAME
 from elastic_cli.checkpoint.safetensors_io import DTYPE_SIZES, encode_header
-from elastic_cli.errors import OutputError
+from elastic_cli.errors import CheckpointError, OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -360,6 +360,12 @@ class ShardedWriter:
         try:
             self._handle.write(data)
         except OSError as error:
+            if error.errno == errno.EFAULT:
+                # The data maps a source file that lost those pages: it was cut short mid-run.
+                raise CheckpointError(
+                    "a checkpoint file was truncated or replaced while elastic read it",
+                    "copy or download the checkpoint again and leave it unchanged during the run",
+                ) from error
             raise output_error(self.folder / file, error) from error
         if _START_WRITEBACK is not None and data.nbytes >= _WRITEBACK_MIN_BYTES:
             # Start writing these pages to disk now; dirty pages are not dropped by this advice.

@@ -17,7 +17,7 @@ from elastic_cli.cli.push_cmd import push
 from elastic_cli.cli.quantize_cmd import quantize
 from elastic_cli.cli.slice_cmd import slice_
 from elastic_cli.cli.verify_cmd import verify
-from elastic_cli.errors import ElasticError
+from elastic_cli.errors import ElasticError, is_out_of_memory
 
 app = typer.Typer(
     name="elastic",
@@ -82,10 +82,10 @@ def main() -> None:
         if error.hint:
             stderr.print(f"Hint: {escape(error.hint)}", highlight=False)
         sys.exit(error.exit_code)
-    except MemoryError as error:
-        if os.environ.get("ELASTIC_DEBUG") == "1":
+    except (MemoryError, OSError, RuntimeError, ImportError) as error:
+        if os.environ.get("ELASTIC_DEBUG") == "1" or not is_out_of_memory(error):
             raise
-        detail = f": {error}" if str(error) else ""
+        detail = f": {error}" if isinstance(error, MemoryError) and str(error) else ""
         stderr.print(f"[red]Error:[/red] out of memory{escape(detail)}; nothing was left half-written", highlight=False)
         stderr.print(
             "Hint: raise the memory limit (ulimit -v, the cgroup's memory.max) or free memory; "

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from elastic_cli.cli.options import Json
-from elastic_cli.cli.output import emit
+from elastic_cli.cli.options import Json, Quiet, Verbose
+from elastic_cli.cli.output import configure_logging, emit
 
 Folder = Annotated[
     Path,
@@ -31,7 +31,14 @@ ParentRevision = Annotated[
 ]
 
 
-def verify(folder: Folder, parent: Parent = None, revision: ParentRevision = None, json: Json = False) -> None:
+def verify(
+    folder: Folder,
+    parent: Parent = None,
+    revision: ParentRevision = None,
+    json: Json = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+) -> None:
     """Check an artifact's manifest hashes, shard index, tensor shapes, finite values and quantization.
 
     With --parent, also compare every tensor with the parent's cut or quantization, and every carried-over file with the parent's.
@@ -44,6 +51,7 @@ def verify(folder: Folder, parent: Parent = None, revision: ParentRevision = Non
 
         elastic verify ./nano-12b --parent ./Nemotron-Elastic-30B --json
     """
+    configure_logging(verbose, quiet, keep_global=True)
     from elastic_cli.verify import verify_artifact  # imports torch, which slice and inspect never load
 
     report = verify_artifact(folder, parent, revision)

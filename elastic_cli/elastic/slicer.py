@@ -112,7 +112,9 @@ def slice_checkpoint(
             "max_shard_bytes": max_shard_bytes,
         }
     )
-    with resumable_folder(output, overwrite, key) as journal, WritePipeline() as pipeline, ExitStack() as open_writers:
+    spec = Path(source.budgets_from)
+    inputs = (source.checkpoint.root, *([spec] if spec.is_file() else []))
+    with resumable_folder(output, overwrite, key, inputs) as journal, WritePipeline() as pipeline, ExitStack() as open_writers:
         temp = journal.folder
         folders = {name: temp / path.relative_to(output) for name, path in output_folders(output, plans, nested).items()}
         for folder in folders.values():

@@ -82,8 +82,9 @@ def load_eval_windows(source: ElasticSource, options: EvalOptions, seq_len: int)
     tokenizer = load_tokenizer(source.checkpoint.root)
     try:
         texts = load_texts(path, tokenizer)
-    except UsageError as error:  # its hint names --calib-data
-        raise UsageError(f"invalid evaluation data: {error.message}", _FIX) from error
+    except UsageError as error:  # its message and hint speak of calibration data
+        message = error.message.removeprefix("calibration data ")
+        raise UsageError(f"evaluation data {message}", _FIX) from error
     windows, tokens = pack_windows(texts, tokenizer, options.max_windows, seq_len)
     if windows.shape[0] == 0:
         raise UsageError(

@@ -34,6 +34,13 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _FIX = "pass --calib-data a UTF-8 .txt file, or .jsonl lines with 'text' or 'messages'; omit it for the built-in text"
 
 
+def check_file(path: Path) -> None:
+    """Raise :class:`UsageError` unless the calibration data ``path`` is a regular file."""
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "not found"
+        raise UsageError(f"calibration data {path} {problem}", _FIX)
+
+
 def load_texts(path: Path | None, tokenizer: Any = None) -> list[str]:
     """Read calibration documents from a file, or the built-in text when ``path`` is ``None``.
 
@@ -54,9 +61,7 @@ def load_texts(path: Path | None, tokenizer: Any = None) -> list[str]:
         return _split_documents(text)
 
     path = Path(path)
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "not found"
-        raise UsageError(f"calibration data {path} {problem}", _FIX)
+    check_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

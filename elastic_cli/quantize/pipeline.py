@@ -243,6 +243,10 @@ def quantize_checkpoint(
         CheckpointError: For NaN or Inf weights, naming the tensor.
     """
     started = time.monotonic()
+    if options.calib_data is not None:
+        from elastic_cli.quantize.calib_data import check_file
+
+        check_file(Path(options.calib_data))  # before its digest enters the run key
     plan = plan_for(source, options)
     sizes = predicted_sizes(source, plan)
     unaligned = unaligned_cuts(source, plan) if len(source.budgets) > 1 else []
@@ -269,7 +273,8 @@ def quantize_checkpoint(
     sidecars = list_sidecars(source.checkpoint.root, source.origin.trust_root, REGENERATED | {export.QUANT_CONFIG_FILE, export.STATE_FILE})
     document = export.hf_quant_config(plan)
 
-    with resumable_folder(output, overwrite, key) as journal:
+    inputs = (source.checkpoint.root, *([options.calib_data] if options.calib_data else []))
+    with resumable_folder(output, overwrite, key, inputs) as journal:
         temp = journal.folder
         state = _initial_state(source, plan, options, given, journal)
         share_fused(source, plan, state)

@@ -1,0 +1,143 @@
+"""Guards around the commands: outputs that would delete the input, memory limits, early interrupts."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elastic_cli.checkpoint.writer import ShardedWriter, WritePipeline, plan_shards
+from elastic_cli.errors import CheckpointError, is_out_of_memory
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("where", ["input itself", "folder above the input"])
+def test_slice_output_over_input_rejected(copy_checkpoint, run_cli, where):
+    before = tree_digests(copy_checkpoint.parent)
+    output = copy_checkpoint if where == "input itself" else copy_checkpoint.parent
+
+    result = run_cli("slice", copy_checkpoint, "--budget", "small", "--output", output, "--overwrite")
+
+    assert result.exit_code == 2, result.stderr
+    assert "would replace the input" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert tree_digests(copy_checkpoint.parent) == before, "the input changed"
+
+
+def test_quantize_output_over_input_rejected(copy_checkpoint, run_cli):
+    before = tree_digests(copy_checkpoint)
+
+    result = run_cli("quantize", copy_checkpoint, "--format", "fp8", "--output", copy_checkpoint, "--overwrite")
+
+    assert result.exit_code == 2, result.stderr
+    assert "would replace the input" in result.stderr
+    assert tree_digests(copy_checkpoint) == before, "the input changed"
+
+
+def test_missing_calibration_file_is_one_error(copy_checkpoint, run_cli, tmp_path):
+    result = run_cli("quantize", copy_checkpoint, "--format", "fp8", "--calib-data", tmp_path / "absent.txt",
+                     "--output", tmp_path / "out")
+
+    assert result.exit_code == 2, result.stderr
+    assert "calibration data" in result.stderr
+    assert "not found" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_accepts_quiet_after_command(copy_checkpoint, run_cli, tmp_path):
+    assert run_cli("slice", copy_checkpoint, "--budget", "small", "--output", tmp_path / "child").exit_code == 0
+
+    for flag in ("-q", "-v"):
+        result = run_cli("verify", tmp_path / "child", flag)
+        assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (MemoryError(), True),
+        (OSError(errno.ENOMEM, "Cannot allocate memory"), True),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("shape mismatch"), False),
+        (ImportError("libgfortran.so.5: failed to map segment from shared object"), True),
+        (ImportError("No module named 'scipy'"), False),
+        (ValueError("Cannot allocate memory"), False),
+    ],
+)
+def test_out_of_memory_recognised(error, expected):
+    assert is_out_of_memory(error) is expected
+
+
+START_WITH_FAILING_IMPORT = """
+import builtins, sys
+real_import = builtins.__import__
+
+def failing_import(name, *args, **kwargs):
+    if name == "typer":
+        raise {error}
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = failing_import
+sys.argv = ["elastic", "--version"]
+from elastic_cli.__main__ import run
+run()
+"""
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        ("MemoryError()", 1, "Error: out of memory while starting elastic (MemoryError)"),
+        ("KeyboardInterrupt()", 130, "Interrupted while starting; nothing was written."),
+    ],
+)
+def test_failed_start_is_one_line(error, code, message):
+    completed = subprocess.run(
+        [sys.executable, "-c", START_WITH_FAILING_IMPORT.format(error=error)], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == code
+    assert completed.stderr.splitlines()[0] == message
+    assert "Traceback" not in completed.stderr
+
+
+class VanishedPages:
+    """A file handle whose writes fail as when the mapped source pages were truncated away."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data):
+        raise OSError(errno.EFAULT, "Bad address")
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+def test_source_truncated_mid_write_blames_the_checkpoint(tmp_path, monkeypatch):
+    original = ShardedWriter._write
+
+    def write(self, file, data):
+        self._handle = VanishedPages(self._handle)
+        original(self, file, data)
+
+    monkeypatch.setattr(ShardedWriter, "_write", write)
+    layout = plan_shards([("a", "I16", (4,))])
+    with pytest.raises(CheckpointError, match="truncated or replaced while elastic read it"):
+        with WritePipeline() as pipeline, ShardedWriter(tmp_path, layout, pipeline=pipeline) as writer:
+            writer.write_array("a", "I16", np.zeros(4, dtype=np.int16))
+            writer.finish()
