@@ -141,3 +141,15 @@ def test_source_truncated_mid_write_blames_the_checkpoint(tmp_path, monkeypatch)
         with WritePipeline() as pipeline, ShardedWriter(tmp_path, layout, pipeline=pipeline) as writer:
             writer.write_array("a", "I16", np.zeros(4, dtype=np.int16))
             writer.finish()
+
+
+def test_qad_output_over_input_rejected_before_training(copy_checkpoint, run_cli):
+    before = tree_digests(copy_checkpoint)
+
+    result = run_cli("quantize", copy_checkpoint, "--format", "nvfp4", "--qad", "--qad-steps", "1",
+                     "--output", copy_checkpoint.parent, "--overwrite")
+
+    assert result.exit_code == 2, result.stderr
+    assert "would replace the input" in result.stderr
+    assert "calibrating" not in result.stderr, "the check ran only after calibration"
+    assert tree_digests(copy_checkpoint) == before, "the input changed"

@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 REGENERATED = {"config.json", "model.safetensors.index.json", "README.md", "elastic_config.json", "elastic-manifest.json"}
 
 
+def check_inputs_kept(output: Path, inputs: tuple[Path, ...]) -> None:
+    """Raise :class:`UsageError` when replacing ``output`` would delete one of ``inputs``."""
+    target = output.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if source == target or target in source.parents:
+            raise UsageError(
+                f"--output {output} would replace the input {source}",
+                "choose an output folder that neither is nor contains the input",
+            )
+
+
 def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
     """Fail early when the destination exists (without ``overwrite``) or cannot be created.
 
@@ -33,14 +45,7 @@ def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = 
         OutputError: If the destination exists without ``overwrite``, is a file, or cannot
             be created or written.
     """
-    target = output.resolve()
-    for source in inputs:
-        source = source.resolve()
-        if source == target or target in source.parents:
-            raise UsageError(
-                f"--output {output} would replace the input {source}",
-                "choose an output folder that neither is nor contains the input",
-            )
+    check_inputs_kept(output, inputs)
     if output.exists() and not overwrite:
         raise OutputError(f"output {output} already exists", "pass --overwrite to replace it, or choose another --output")
     if output.exists() and not output.is_dir():

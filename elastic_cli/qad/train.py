@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from elastic_cli.checkpoint.output import check_inputs_kept
 from elastic_cli.checkpoint.reader import Checkpoint
 from elastic_cli.checkpoint.torch_dtypes import TORCH_DTYPES
 from elastic_cli.checkpoint.writer import write_text
@@ -637,6 +638,9 @@ def run_qad(
             from elastic_cli.errors import OutputError
 
             raise OutputError(f"output folder {output} already exists", "pass --overwrite to replace it")
+        # The export checks this too, but only after training.
+        inputs = [source.checkpoint.root, options.calib_data, qad.data, evaluation.data if evaluation else None]
+        check_inputs_kept(output, tuple(Path(path) for path in inputs if path is not None))
         plan = plan_for(source, options)
         _check_nesting(source, plan)
         # Checked before the training text, which can take far longer to tokenize.
