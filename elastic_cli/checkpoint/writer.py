@@ -184,11 +184,11 @@ _M_ARENA_MAX = -8  # mallopt() parameter number in glibc's malloc.h
 
 
 def _share_malloc_arena() -> None:
-    """Make threads allocate from glibc's existing arenas instead of one new arena each.
+    """Make threads allocate from glibc's main arena instead of one new arena each.
 
     glibc reserves 64 MB of address space for each thread's first allocation, so two lanes
-    would take 128 MB of a ``ulimit -v`` cap for a few small objects. Other C libraries have no
-    such arenas; there this does nothing.
+    would take 128 MB of a ``ulimit -v`` cap for a few small objects. The setting holds for the
+    rest of the process. Other C libraries have no such arenas; there this does nothing.
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return
