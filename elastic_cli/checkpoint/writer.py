@@ -92,21 +92,26 @@ class WritePipeline:
 
     Use as a context manager around every writer that shares it. Leaving it waits until the
     queued work is done, after an exception too, so that no thread touches the output folder
-    afterwards; once a task has failed, the rest is skipped. ``threads=False`` runs every task
+    afterwards. Once a task has failed, the rest is skipped. ``threads=False`` runs every task
     at once in the calling thread.
+
+    The threads report each finished task through a queue, and the caller holds no lock that
+    they need. SIGINT and SIGTERM raise exceptions in the caller's thread at any point, and a
+    lock left held by such an exception would stop the threads for good.
     """
 
     def __init__(self, max_pending_bytes: int = 16 * 1024 * 1024, threads: bool = True) -> None:
         self._limit = max_pending_bytes
-        self._pending = 0
+        self._submitted = 0  # bytes handed to each lane
+        self._finished = [0, 0]  # bytes each lane has finished
+        self._acks: queue.SimpleQueue = queue.SimpleQueue()  # (lane index, bytes or marker)
         self._error: BaseException | None = None
-        self._condition = threading.Condition()
         self._lanes: list[_Lane] = []
         if threads:
             _share_malloc_arena()
             previous = threading.stack_size(_THREAD_STACK_BYTES)
             try:
-                self._lanes = [_Lane(self, "hash"), _Lane(self, "write")]
+                self._lanes = [_Lane(self, 0, "hash"), _Lane(self, 1, "write")]
             finally:
                 threading.stack_size(previous)
 
@@ -133,29 +138,37 @@ class WritePipeline:
             self._run(write_task)
             self.check()
             return
-        with self._condition:
-            while self._pending and self._pending + size > self._limit and self._error is None:
-                self._condition.wait()
-            self._pending += size
-        remaining = [2]
+        while not self._acks.empty():
+            self._collect(block=False)
+        while self._pending and self._pending + size > self._limit and self._error is None:
+            self._collect(block=True)
+        self._submitted += size
+        self._lanes[0].put(hash_task, size)
+        self._lanes[1].put(write_task, size)
 
-        def release() -> None:
-            with self._condition:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    self._pending -= size
-                    self._condition.notify_all()
+    @property
+    def _pending(self) -> int:
+        return self._submitted - min(self._finished)
 
-        self._lanes[0].put(hash_task, release)
-        self._lanes[1].put(write_task, release)
+    def _collect(self, block: bool, marker: object = None) -> bool:
+        """Count one finished task, if any; return True when it was ``marker`` coming back."""
+        try:
+            lane, done = self._acks.get(block=block)
+        except queue.Empty:
+            return False
+        if isinstance(done, int):
+            self._finished[lane] += done
+            return False
+        return done is marker
 
     def wait(self) -> None:
         """Wait until every queued task has run (or was skipped after a failure)."""
-        done = [threading.Event() for _ in self._lanes]
-        for lane, event in zip(self._lanes, done):
-            lane.put(None, event.set)
-        for event in done:
-            event.wait()
+        marker = object()
+        for lane in self._lanes:
+            lane.put(None, marker)
+        returned = 0
+        while returned < len(self._lanes):
+            returned += self._collect(block=True, marker=marker)
 
     def drain(self) -> None:
         """Wait until every queued task has run, then raise the first error."""
@@ -172,10 +185,8 @@ class WritePipeline:
         try:
             task()
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread by check()
-            with self._condition:
-                if self._error is None:
-                    self._error = error
-                self._condition.notify_all()
+            if self._error is None:
+                self._error = error
 
 
 # The lanes run shallow Python code; glibc's default 8 MB stack would count against ulimit -v.
@@ -199,16 +210,18 @@ def _share_malloc_arena() -> None:
 
 
 class _Lane:
-    """One daemon thread that runs tasks in order and reports each one's end."""
+    """One daemon thread that runs tasks in order and acknowledges each one in the pipeline's queue."""
 
-    def __init__(self, pipeline: WritePipeline, name: str) -> None:
+    def __init__(self, pipeline: WritePipeline, index: int, name: str) -> None:
         self._pipeline = pipeline
+        self._index = index
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"elastic-{name}", daemon=True)
         self._thread.start()
 
-    def put(self, task: Callable[[], None] | None, done: Callable[[], None]) -> None:
-        self._queue.put((task, done))
+    def put(self, task: Callable[[], None] | None, ack: object) -> None:
+        """Queue ``task`` (``None`` for none); ``ack``, a byte count or a marker, is reported after it."""
+        self._queue.put((task, ack))
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -219,9 +232,9 @@ class _Lane:
             item = self._queue.get()
             if item is None:
                 return
-            task, done = item
+            task, ack = item
             self._pipeline._run(task)
-            done()
+            self._pipeline._acks.put((self._index, ack))
 
 
 class ShardedWriter:
