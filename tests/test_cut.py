@@ -48,7 +48,8 @@ def test_cut_matches_reference(dtype, rows, columns):
     keep = (KEEPS[rows], KEEPS[columns])
     got = ArrayCutter().cut(array, keep, pad=-1 if dtype != np.uint8 else 255)
     expected = reference_cut(array, keep, -1 if dtype != np.uint8 else 255)
-    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert got.dtype == expected.dtype
+    assert np.array_equal(got, expected)
 
 
 def test_cut_three_dimensions():
@@ -124,7 +125,9 @@ def test_tensor_cutter_matches_entries(dtype):
     source = torch.randn(6, 10).to(dtype) if dtype != torch.uint8 else torch.randint(0, 255, (6, 10), dtype=torch.uint8)
     keep = ((5, 0, -1), (1, 2, 3, 9))
     cut = TensorCutter().cut(source, keep, pad_value=0.0)
-    assert cut.dtype == dtype and cut.shape == (3, 4) and cut.is_contiguous()
+    assert cut.dtype == dtype
+    assert cut.shape == (3, 4)
+    assert cut.is_contiguous()
     for row, source_row in enumerate(keep[0]):
         for column, source_column in enumerate(keep[1]):
             expected = 0.0 if source_row < 0 else source[source_row, source_column].float().item()

@@ -27,7 +27,6 @@ Two sizes run:
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import pytest
 
 from elastic_cli.arch.nemotron_h import parse_config
 from elastic_cli.synthetic import importance_budgets, tiny_config, write_checkpoint
+from tests.test_reliability import cli_environment
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status and relies on Linux RLIMIT_AS")
 
@@ -79,19 +79,8 @@ def build_parent(folder: Path, experts: int, hidden_size: int = HIDDEN_SIZE, exp
 
 def child_environment(home: Path) -> dict[str, str]:
     """Return an offline environment with one thread per pool, so that few stacks are mapped."""
-    env = {key: value for key, value in os.environ.items() if key not in ("ELASTIC_DEBUG", "FORCE_COLOR")}
-    env.update(
-        {
-            "HF_HUB_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HOME": str(home / "hf-home"),
-            "HF_HUB_CACHE": str(home / "empty-hf-cache"),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-            "OMP_NUM_THREADS": "1",
-            "MALLOC_ARENA_MAX": "2",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    )
+    env = cli_environment(home)
+    env.update({"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"})
     return env
 
 

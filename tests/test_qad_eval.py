@@ -26,8 +26,8 @@ import torch
 from rich.console import Console
 
 from elastic_cli.errors import UsageError
-from elastic_cli.qad.evaluate import pack_windows
 from elastic_cli.qad.options import EvalOptions
+from elastic_cli.quantize.calib_data import pack_windows
 from elastic_cli.qad.train import run_qad
 from elastic_cli.quantize.calib_data import load_texts, load_tokenizer, tokenize
 from elastic_cli.quantize.pipeline import QuantizeOptions

@@ -204,7 +204,7 @@ class Checkpoint:
     def map_array(self, name: str) -> np.ndarray:
         """Map one tensor's bytes into memory, read-only, without reading them.
 
-        The array holds the stored bits as integers of the element size (``int16`` for BF16),
+        The array contains the stored bits as integers of the element size (``int16`` for BF16),
         shaped like the tensor. Pages come from the page cache as they are touched, so cutting
         a mapped tensor copies each kept byte once and reads no dropped row. The mapping
         outlives :meth:`close` and ends when the last array using it is freed.
@@ -224,8 +224,8 @@ class Checkpoint:
                 "the file changed or is truncated; download or copy it again",
             )
         # The offset of a mapping must be a multiple of the allocation granularity. A file cut
-        # short while it is mapped would end the process with SIGBUS on the lost pages; the size
-        # check above catches every file that was damaged before this call.
+        # short while it is mapped ends the process with SIGBUS on the lost pages, so only the
+        # damage done before this call is caught by the size check above.
         start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
         try:
             mapping = mmap.mmap(handle.fileno(), info.end - start, access=mmap.ACCESS_READ, offset=start)

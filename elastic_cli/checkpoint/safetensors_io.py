@@ -20,7 +20,7 @@ import numpy as np
 from elastic_cli.errors import CheckpointError
 
 # safetensors dtype string -> (torch dtype name, bytes per element): the one dtype table of the
-# project. It holds names rather than torch objects so that reading headers and slicing never
+# project. It contains names rather than torch objects so that reading headers and slicing never
 # import torch; elastic_cli.checkpoint.torch_dtypes maps the names to torch dtypes.
 DTYPE_TABLE: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8),
@@ -38,8 +38,8 @@ DTYPE_TABLE: dict[str, tuple[str, int]] = {
 }
 DTYPE_SIZES: dict[str, int] = {name: size for name, (_, size) in DTYPE_TABLE.items()}
 
-# Bytes per element -> the numpy integer dtype of that size, which holds a tensor's raw bits
-# wherever only bits move (reading, cutting, writing): numpy has no BF16 or FP8 dtypes.
+# Bytes per element -> the numpy integer dtype of that size. It stores a tensor's raw bits
+# wherever only bits move (reading, cutting, writing), because numpy has no BF16 or FP8 dtypes.
 BITS_DTYPES: dict[int, type[np.integer]] = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 # A header larger than this is treated as damage, not as a checkpoint (real ones are a few MB).

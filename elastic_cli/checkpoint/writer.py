@@ -198,7 +198,7 @@ def _share_malloc_arena() -> None:
     """Make threads allocate from glibc's main arena instead of one new arena each.
 
     glibc reserves 64 MB of address space for each thread's first allocation, so two lanes
-    would take 128 MB of a ``ulimit -v`` cap for a few small objects. The setting holds for the
+    would take 128 MB of a ``ulimit -v`` cap for a few small objects. The setting lasts for the
     rest of the process. Other C libraries have no such arenas; there this does nothing.
     """
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
@@ -220,7 +220,7 @@ class _Lane:
         self._thread.start()
 
     def put(self, task: Callable[[], None] | None, ack: object) -> None:
-        """Queue ``task`` (``None`` for none); ``ack``, a byte count or a marker, is reported after it."""
+        """Queue ``task``, or ``None`` for no work. The lane then reports ``ack``, a byte count or a marker."""
         self._queue.put((task, ack))
 
     def stop(self) -> None:

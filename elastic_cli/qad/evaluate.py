@@ -35,34 +35,11 @@ from elastic_cli.qad import distributed
 from elastic_cli.qad.distributed import DistContext
 from elastic_cli.qad.nested import NestedNemotronH
 from elastic_cli.qad.options import EvalOptions, row_label
+from elastic_cli.quantize.calib_data import pack_windows
 
 log = logging.getLogger(__name__)
 
 _FIX = "pass --eval-data a UTF-8 .txt file (documents separated by blank lines), or .jsonl lines with 'text' or 'messages'"
-
-
-def pack_windows(texts: list[str], tokenizer: Any, max_windows: int, seq_len: int) -> tuple[torch.Tensor, int]:
-    """Tokenize documents in order and cut the stream into at most ``max_windows`` windows.
-
-    Documents are packed as ``elastic_cli.quantize.calib_data.tokenize`` packs calibration
-    text: encoded without special tokens, each followed by the tokenizer's EOS token when it has
-    one, and the tail shorter than a window dropped.
-
-    Returns:
-        Token ids ``[windows, seq_len]`` int64 (``windows`` may be 0), and the number of tokens
-        encoded.
-    """
-    needed = max_windows * seq_len
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= needed:
-            break
-    windows = min(max_windows, len(ids) // seq_len)
-    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).reshape(windows, seq_len), len(ids)
 
 
 def load_eval_windows(source: ElasticSource, options: EvalOptions, seq_len: int) -> torch.Tensor:

@@ -147,12 +147,32 @@ def load_tokenizer(folder: Path) -> Any:
         raise CheckpointError(f"cannot load the tokenizer in {folder}: {error}", hint) from error
 
 
-def tokenize(texts: list[str], tokenizer: Any, samples: int, seq_len: int) -> torch.Tensor:
-    """Tokenize documents in order and cut the token stream into consecutive windows.
+def pack_windows(texts: list[str], tokenizer: Any, max_windows: int, seq_len: int) -> tuple[torch.Tensor, int]:
+    """Tokenize documents in order and cut the token stream into at most ``max_windows`` windows.
 
     Each document is encoded without added special tokens and followed by the tokenizer's EOS
     token when it has one, as documents are packed in pretraining. Encoding stops once
-    ``samples * seq_len`` tokens are collected; the tail of the last window is dropped.
+    ``max_windows * seq_len`` tokens are collected; the tail shorter than a window is dropped.
+
+    Returns:
+        Token ids ``[windows, seq_len]`` int64 (``windows`` may be 0), and the number of tokens
+        encoded.
+    """
+    needed = max_windows * seq_len
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= needed:
+            break
+    windows = min(max_windows, len(ids) // seq_len)
+    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).reshape(windows, seq_len), len(ids)
+
+
+def tokenize(texts: list[str], tokenizer: Any, samples: int, seq_len: int) -> torch.Tensor:
+    """Tokenize calibration documents into ``samples`` windows, packed by :func:`pack_windows`.
 
     Args:
         texts: Documents from :func:`load_texts`.
@@ -170,23 +190,14 @@ def tokenize(texts: list[str], tokenizer: Any, samples: int, seq_len: int) -> to
     """
     if samples < 1 or seq_len < 1:
         raise UsageError(f"calibration needs at least 1 sample of at least 1 token, got {samples} x {seq_len}")
-    needed = samples * seq_len
-    eos = getattr(tokenizer, "eos_token_id", None)
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= needed:
-            break
-
-    windows = min(samples, len(ids) // seq_len)
+    token_ids, tokens = pack_windows(texts, tokenizer, samples, seq_len)
+    windows = token_ids.shape[0]
     if windows == 0:
         raise UsageError(
-            f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}",
+            f"the calibration text has {tokens} tokens, fewer than one window of {seq_len}",
             "pass more text with --calib-data or a smaller --calib-seq-len",
         )
     if windows < samples:
         log.warning("the calibration text fills %d of %d requested samples of %d tokens", windows, samples, seq_len)
     log.info("tokenized %d calibration sample(s) of %d tokens", windows, seq_len)
-    return torch.tensor(ids[: windows * seq_len], dtype=torch.int64).reshape(windows, seq_len)
+    return token_ids
