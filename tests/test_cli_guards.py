@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,21 @@ def test_qad_output_over_input_rejected_before_training(copy_checkpoint, run_cli
     assert "would replace the input" in result.stderr
     assert "calibrating" not in result.stderr, "the check ran only after calibration"
     assert tree_digests(copy_checkpoint) == before, "the input changed"
+
+
+COUNT_THREADS_AFTER_NUMPY = """
+import os
+from elastic_cli.__main__ import _import_numpy_without_blas_threads
+_import_numpy_without_blas_threads()
+print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_numpy_starts_no_blas_threads():
+    """numpy's OpenBLAS would start a spinning thread per extra core; the environment is left as it was."""
+    environment = {key: value for key, value in os.environ.items() if key not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    completed = subprocess.run(
+        [sys.executable, "-c", COUNT_THREADS_AFTER_NUMPY], capture_output=True, text=True, env=environment, timeout=120, check=True
+    )
+    assert completed.stdout.split() == ["1", "None"]

@@ -58,6 +58,63 @@ def test_cut_three_dimensions():
     assert np.array_equal(ArrayCutter().cut(array, keep, pad=0), reference_cut(array, keep, 0))
 
 
+def cut_in_blocks(array: np.ndarray, keep: tuple, pad: int, rows_per_block: int) -> np.ndarray:
+    """Assemble a cut from ``cut_rows`` blocks written into one reused buffer, as the slicer does."""
+    cutter = ArrayCutter()
+    whole = cutter.cut(array, keep, pad)
+    blocks = []
+    buffer = np.empty((rows_per_block, *whole.shape[1:]), dtype=array.dtype)
+    for start in range(0, whole.shape[0], rows_per_block):
+        out = buffer[: min(rows_per_block, whole.shape[0] - start)]
+        out[...] = 99  # stale data from an earlier block must be overwritten
+        cutter.cut_rows(array, keep, pad, start, out)
+        blocks.append(out.copy())
+    return np.concatenate(blocks) if blocks else whole
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, 8])
+@pytest.mark.parametrize("rows", sorted(KEEPS), ids=str)
+@pytest.mark.parametrize("columns", sorted(KEEPS), ids=str)
+def test_cut_rows_matches_reference(rows, columns, rows_per_block):
+    array = np.random.default_rng(11).integers(0, 90, size=(8, 8)).astype(np.int16)
+    keep = (KEEPS[rows], KEEPS[columns])
+    got = cut_in_blocks(array, keep, -1, rows_per_block)
+    assert np.array_equal(got, reference_cut(array, keep, -1))
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [
+        (None, (4, 0, -1), (1, 2, 3)),
+        ((3, -1, 0), None, (5, 0)),
+        ((1, 2), (0, 1, 2, 3, 4), None),
+        ((0, 1, 2, 3), (4, 2), (0, 1, 4, 5)),
+        ((-1, 2), (0, 3), (-1, 1)),
+        (None, None, (5, 4, 3)),
+        (None,),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("rows_per_block", [1, 2, 5])
+def test_cut_rows_three_dimensions(keep, rows_per_block):
+    array = np.random.default_rng(5).integers(0, 1000, size=(4, 5, 6)).astype(np.int32)
+    assert np.array_equal(cut_in_blocks(array, keep, -7, rows_per_block), reference_cut(array, keep + (None,) * (3 - len(keep)), -7))
+
+
+def test_cut_rows_all_padding_empty_source():
+    array = np.empty((0, 3), dtype=np.int16)
+    out = np.zeros((2, 3), dtype=np.int16)
+    ArrayCutter().cut_rows(array, ((-1, -1), None), 5, 0, out)
+    assert (out == 5).all()
+
+
+@pytest.mark.parametrize("keep", [((0, 8), None), (None, (8,)), ((2, -1, 9), (0,))])
+def test_cut_rows_out_of_range_index_raises(keep):
+    out = np.empty((1, 1), dtype=np.int16)
+    with pytest.raises(IndexError, match="out of range"):
+        ArrayCutter().cut_rows(np.zeros((8, 8), dtype=np.int16), keep, 0, 0, out)
+
+
 def test_index_cache_keyed_by_tuple():
     cutter = ArrayCutter()
     array = np.arange(8, dtype=np.int32)

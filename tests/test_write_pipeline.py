@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elastic_cli.checkpoint.writer import ShardedWriter, WritePipeline, plan_shards
+from elastic_cli.checkpoint.writer import BufferRing, ShardedWriter, WritePipeline, plan_shards
 from elastic_cli.errors import OutputError
 
 
@@ -128,3 +128,47 @@ def test_queued_work_finishes_after_caller_error(tmp_path):
             raise KeyboardInterrupt
     assert ran == ["write"]
     assert not lane_threads()
+
+
+def test_ring_reuse_waits_for_pipeline(tmp_path, monkeypatch):
+    """Blocks cut into a two-buffer ring reach the file intact while the write thread lags."""
+    original = ShardedWriter._write
+
+    def slow_write(self, file, data):
+        time.sleep(0.01)
+        original(self, file, data)
+
+    monkeypatch.setattr(ShardedWriter, "_write", slow_write)
+    rng = np.random.default_rng(9)
+    arrays = {f"t{index}": rng.integers(-30000, 30000, size=(40, 25)).astype(np.int16) for index in range(3)}
+    layout = plan_shards([(name, "I16", array.shape) for name, array in arrays.items()])
+    with WritePipeline() as pipeline, ShardedWriter(tmp_path, layout, pipeline=pipeline) as writer:
+        ring = BufferRing(pipeline, buffers=2, buffer_bytes=500)
+
+        def blocks(array):
+            for start in range(0, len(array), 10):
+                out = ring.take(10 * 25 * 2).view(np.int16).reshape(10, 25)
+                out[...] = array[start : start + 10]
+                yield out
+
+        for name, array in arrays.items():
+            writer.write_parts(name, "I16", array.shape, blocks(array))
+        writer.finish()
+    assert (tmp_path / "model.safetensors").read_bytes().endswith(b"".join(array.tobytes() for array in arrays.values()))
+
+
+def test_ring_gives_a_larger_request_its_own_array():
+    with WritePipeline(threads=False) as pipeline:
+        ring = BufferRing(pipeline, buffers=1, buffer_bytes=8)
+        small = ring.take(8)
+        large = ring.take(9)
+        assert large.nbytes == 9
+        assert not np.shares_memory(small, large)
+
+
+@pytest.mark.parametrize("parts", [[b"\0" * 6], [b"\0" * 10], [b"\0" * 4, b"\0" * 6]], ids=["short", "long", "long in parts"])
+def test_parts_of_wrong_size_rejected(tmp_path, parts):
+    layout = plan_shards([("a", "I16", (4,))])
+    with pytest.raises(OutputError, match=r"tensor 'a' I16\[4\] came with \d+ bytes instead of 8"):
+        with ShardedWriter(tmp_path, layout) as writer:
+            writer.write_parts("a", "I16", (4,), parts)

@@ -20,7 +20,7 @@ import platform
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -150,6 +150,16 @@ class WritePipeline:
     def _pending(self) -> int:
         return self._submitted - min(self._finished)
 
+    @property
+    def submitted(self) -> int:
+        """Bytes submitted so far: a mark that :meth:`wait_until` can wait for."""
+        return self._submitted
+
+    def wait_until(self, mark: int) -> None:
+        """Wait until both threads have finished the first ``mark`` submitted bytes (or skipped them after a failure)."""
+        while self._lanes and min(self._finished) < mark:
+            self._collect(block=True)
+
     def _collect(self, block: bool, marker: object = None) -> bool:
         """Count one finished task, if any; return True when it was ``marker`` coming back."""
         try:
@@ -207,6 +217,40 @@ def _share_malloc_arena() -> None:
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
     except (OSError, AttributeError):
         pass
+
+
+class BufferRing:
+    """A few reused buffers for data on its way through a :class:`WritePipeline`.
+
+    A producer that cuts a large tensor block by block into these buffers needs no memory of
+    the tensor's size, and the pipeline's threads hash and write each block while it is still
+    in the processor's caches. A buffer is handed out again only after the pipeline has
+    finished everything submitted while it was last in use.
+    """
+
+    def __init__(self, pipeline: WritePipeline, buffers: int = 4, buffer_bytes: int = 4 * 1024 * 1024) -> None:
+        self._pipeline = pipeline
+        self.buffer_bytes = buffer_bytes
+        self._buffers = [np.empty(buffer_bytes, dtype=np.uint8) for _ in range(buffers)]
+        self._marks = [0] * buffers
+        self._next = 0
+        self._handed: int | None = None  # the buffer handed out last, whose data is now submitted
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """Return a free ``uint8`` array of ``nbytes``. Its data must be submitted before the next call.
+
+        A request larger than a buffer gets a new array of its own, never reused.
+        """
+        if self._handed is not None:
+            self._marks[self._handed] = self._pipeline.submitted
+            self._handed = None
+        if nbytes > self.buffer_bytes:
+            return np.empty(nbytes, dtype=np.uint8)
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        self._pipeline.wait_until(self._marks[slot])
+        self._handed = slot
+        return self._buffers[slot][:nbytes]
 
 
 class _Lane:
@@ -267,6 +311,7 @@ class ShardedWriter:
         self._size = 0
         self._handle: BinaryIO | None = None  # used by the pipeline's write thread only
         self._written = 0
+        self._kicked = 0
         # shard file -> (sha256, size), filled as shards close (or from the journal when reused)
         self.digests: dict[str, tuple[str, int]] = {file: journal.done[prefix + file] for file in self._done}
 
@@ -307,6 +352,18 @@ class ShardedWriter:
 
         With a pipeline, ``data`` must not change until :meth:`finish` returns.
         """
+        self.write_parts(name, dtype, shape, () if data is None else (data,))
+
+    def write_parts(
+        self, name: str, dtype: str, shape: tuple[int, ...], parts: Iterable[bytes | bytearray | memoryview | np.ndarray]
+    ) -> None:
+        """Append one tensor given as consecutive pieces of its raw bytes.
+
+        ``parts`` is consumed lazily, one piece submitted before the next is drawn, so a
+        generator may fill the buffers of a :class:`BufferRing` as it goes. A piece must not
+        change until the pipeline has finished it. For a tensor of a shard that an earlier run
+        finished, ``parts`` is not consumed.
+        """
         if self._position >= len(self._queue):
             raise OutputError(f"tensor '{name}' was not planned for this output", "this is a bug in elastic; please report it")
         file, (expected_name, expected_dtype, expected_shape) = self._queue[self._position]
@@ -321,10 +378,20 @@ class ShardedWriter:
             return
         if file != self._file:
             self._open_shard(file)
-        assert data is not None
-        view = memoryview(data).cast("B")
-        self._pipeline.submit(functools.partial(self._hash.update, view), functools.partial(self._write, file, view), view.nbytes)
-        self._size += view.nbytes
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        received = 0
+        for part in parts:
+            view = memoryview(part).cast("B")
+            received += view.nbytes
+            if received > expected:
+                break
+            self._pipeline.submit(functools.partial(self._hash.update, view), functools.partial(self._write, file, view), view.nbytes)
+        if received != expected:
+            raise OutputError(
+                f"tensor '{name}' {dtype}{list(shape)} came with {received} bytes instead of {expected}",
+                "this is a bug in elastic; please report it",
+            )
+        self._size += expected
         self._position += 1
 
     def _open_shard(self, file: str) -> None:
@@ -367,6 +434,7 @@ class ShardedWriter:
         except OSError as error:
             raise output_error(path, error) from error
         self._written = len(header)
+        self._kicked = 0  # bytes whose writeback has been started
 
     def _write(self, file: str, data: memoryview) -> None:
         assert self._handle is not None
@@ -380,11 +448,12 @@ class ShardedWriter:
                     "copy or download the checkpoint again and leave it unchanged during the run",
                 ) from error
             raise output_error(self.folder / file, error) from error
-        if _START_WRITEBACK is not None and data.nbytes >= _WRITEBACK_MIN_BYTES:
-            # Start writing these pages to disk now; dirty pages are not dropped by this advice.
-            self._handle.flush()
-            os.posix_fadvise(self._handle.fileno(), self._written, data.nbytes, _START_WRITEBACK)
         self._written += data.nbytes
+        if _START_WRITEBACK is not None and self._written - self._kicked >= _WRITEBACK_BYTES:
+            # Start writing the new pages to disk now; dirty pages are not dropped by this advice.
+            self._handle.flush()
+            os.posix_fadvise(self._handle.fileno(), self._kicked, self._written - self._kicked, _START_WRITEBACK)
+            self._kicked = self._written
 
     def _fsync_and_close(self, file: str) -> None:
         assert self._handle is not None
@@ -410,9 +479,11 @@ class ShardedWriter:
 
 
 # POSIX_FADV_DONTNEED on freshly written pages starts their writeback on Linux without waiting
-# for it. Other systems (or small writes) skip the advice; fsync still writes everything.
+# for it. Other systems skip the advice; fsync still writes everything. The advice is given for
+# every 4 MiB written: in a 4.13 GB slice, 4 MiB beat 32 MiB and no advice at all by about 4%
+# and 9% of the wall time (five alternating runs each).
 _START_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
-_WRITEBACK_MIN_BYTES = 1 << 20
+_WRITEBACK_BYTES = 4 * 1024 * 1024
 
 
 def _nothing() -> None:

@@ -92,6 +92,9 @@ class ArrayCutter:
     def __init__(self) -> None:
         # id(keep) -> (keep, index, padding positions or None, largest index)
         self._cache: dict[int, tuple[tuple[int, ...], slice | list[slice] | np.ndarray, np.ndarray | None, int]] = {}
+        # id(keep) -> (keep, index array with -1 for padding), for cutting blocks of rows
+        self._positions_cache: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
+        self._scratch_buffer = np.empty(0, dtype=np.uint8)
 
     def _index(self, keep: tuple[int, ...]) -> tuple[slice | list[slice] | np.ndarray, np.ndarray | None, int]:
         cached = self._cache.get(id(keep))
@@ -113,6 +116,93 @@ class ArrayCutter:
         self._cache[id(keep)] = (keep, index, padding, largest)
         return index, padding, largest
 
+    def _check_range(self, keep: tuple[int, ...], size: int, dim: int) -> None:
+        largest = self._index(keep)[2]
+        if largest >= size:
+            raise IndexError(f"keep index {largest} is out of range for dimension {dim} of size {size}")
+
+    def _positions(self, keep: tuple[int, ...]) -> np.ndarray:
+        """Return ``keep`` as an index array with padding entries still ``-1``, cached like :meth:`_index`."""
+        cached = self._positions_cache.get(id(keep))
+        if cached is not None and cached[0] is keep:
+            return cached[1]
+        positions = np.asarray(keep, dtype=np.intp)
+        self._positions_cache[id(keep)] = (keep, positions)
+        return positions
+
+    def cut_rows(self, array: np.ndarray, keep: tuple[Keep, ...], pad: int, start: int, out: np.ndarray) -> None:
+        """Write rows ``start:start + len(out)`` of the cut of ``array`` into ``out``.
+
+        The result equals the same rows of :meth:`cut`, but nothing as large as the cut is
+        allocated: a caller that cuts a large tensor block by block into a few reused buffers
+        keeps its memory, and the caches that hold the blocks, small.
+
+        Args:
+            array: The source, any integer dtype (the bits of the stored dtype).
+            keep: As for :meth:`cut`.
+            pad: The padding entries' bits.
+            start: The first output row (the first entry of dimension 0) to write.
+            out: A C-contiguous array of ``array``'s dtype, shaped like those rows of the cut.
+        """
+        keep = tuple(keep) + (None,) * (array.ndim - len(keep))
+        for dim, indices in enumerate(keep):
+            if indices is not None:
+                self._check_range(indices, array.shape[dim], dim)
+        stop = start + out.shape[0]
+        rest = keep[1:]
+        last_cut = max((dim for dim, indices in enumerate(keep) if indices is not None), default=-1)
+        padded_rows = None
+        if keep[0] is None:
+            rows = array[start:stop]
+        else:
+            index, _, _ = self._index(keep[0])
+            if isinstance(index, slice):
+                rows = array[index.start + start : index.start + stop]
+            else:
+                positions = self._positions(keep[0])[start:stop]
+                if positions.size and positions.min() < 0:
+                    padded_rows = positions < 0
+                    if padded_rows.all():
+                        out[...] = pad
+                        return
+                    # Any real row will do for a padded one: padded rows are overwritten below.
+                    positions = np.where(padded_rows, positions.max(), positions)
+                target = out if last_cut == 0 else self._scratch((len(positions), *array.shape[1:]), array.dtype)
+                rows = np.take(array, positions, axis=0, mode="clip", out=target)
+        if last_cut <= 0:
+            if rows is not out:
+                np.copyto(out, rows)
+        else:
+            partial = self.cut(rows, (None, *rest[: last_cut - 1]), pad) if last_cut > 1 else rows
+            self._cut_last(partial, last_cut, keep[last_cut], pad, out)
+        if padded_rows is not None:
+            out[padded_rows] = pad
+
+    def _cut_last(self, array: np.ndarray, dim: int, keep: tuple[int, ...], pad: int, out: np.ndarray) -> None:
+        """Cut ``array`` along ``dim``, its last cut dimension, straight into ``out``."""
+        index, padding, _ = self._index(keep)
+        before = (slice(None),) * dim
+        if isinstance(index, slice):
+            np.copyto(out, array[(*before, index)])
+        elif isinstance(index, list):
+            written = 0
+            for run in index:
+                width = run.stop - run.start
+                np.copyto(out[(*before, slice(written, written + width))], array[(*before, run)])
+                written += width
+        elif padding is None:
+            np.take(array, index, axis=dim, mode="clip", out=out)
+        else:
+            out[...] = pad
+            out[(*before, np.flatnonzero(padding))] = np.take(array, index, axis=dim, mode="clip")
+
+    def _scratch(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Return a reused array of ``shape`` for rows gathered before the columns are cut."""
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        if self._scratch_buffer.nbytes < size:
+            self._scratch_buffer = np.empty(size, dtype=np.uint8)
+        return self._scratch_buffer[:size].view(dtype).reshape(shape)
+
     def cut(self, array: np.ndarray, keep: tuple[Keep, ...], pad: int = 0) -> np.ndarray:
         """Keep the listed entries of each dimension; ``-1`` entries become ``pad``.
 
@@ -129,9 +219,8 @@ class ArrayCutter:
         for dim, indices in enumerate(keep):
             if indices is None:
                 continue
-            index, padding, largest = self._index(indices)
-            if largest >= array.shape[dim]:
-                raise IndexError(f"keep index {largest} is out of range for dimension {dim} of size {array.shape[dim]}")
+            index, padding, _ = self._index(indices)
+            self._check_range(indices, array.shape[dim], dim)
             before = (slice(None),) * dim
             if isinstance(index, slice):
                 array = array[(*before, index)]

@@ -1,20 +1,25 @@
 """Execute slice plans: stream the parent's tensors once and write one checkpoint per budget.
 
-Each source tensor is mapped once, cut for every requested budget and written straight into
-each budget's shard, so memory stays bounded by the largest tensor plus its cuts, however large
-the checkpoint. Cutting works on numpy arrays of raw bits and hashing and writing run on
-background threads (:class:`~elastic_cli.checkpoint.writer.WritePipeline`), so a slice overlaps
-its reads, gathers, hashes and writes and never imports torch.
+Each source tensor is mapped once and cut for every requested budget, block by block of whole
+rows, into a few reused 4 MiB buffers (:class:`~elastic_cli.checkpoint.writer.BufferRing`).
+Memory therefore stays bounded by the mapped pages of the largest tensor plus those buffers,
+however large the checkpoint. Cutting works on numpy arrays of raw bits, and hashing and
+writing run on background threads (:class:`~elastic_cli.checkpoint.writer.WritePipeline`), so
+a slice overlaps its reads, gathers, hashes and writes and never imports torch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from elastic_cli import __version__
 from elastic_cli.checkpoint.manifest import MANIFEST_FILE, write_manifest
@@ -23,6 +28,7 @@ from elastic_cli.checkpoint.output import REGENERATED, copy_sidecars, list_sidec
 from elastic_cli.checkpoint.resume import input_fingerprint, resumable_folder, run_key
 from elastic_cli.checkpoint.writer import (
     DEFAULT_MAX_SHARD_BYTES,
+    BufferRing,
     ShardedWriter,
     WritePipeline,
     output_error,
@@ -128,7 +134,7 @@ def slice_checkpoint(
             )
             for plan, layout in zip(plans, layouts)
         ]
-        _stream(source, plans, writers)
+        _stream(source, plans, writers, BufferRing(pipeline))
 
         results = []
         for plan, writer, layout in zip(plans, writers, layouts):
@@ -178,7 +184,7 @@ def _optional_json(path: Path) -> dict | None:
     return document
 
 
-def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[ShardedWriter]) -> None:
+def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[ShardedWriter], ring: BufferRing) -> None:
     by_source: dict[str, list[tuple[int, TensorSlice]]] = {}
     for position, plan in enumerate(plans):
         for tensor in plan.tensors:
@@ -200,6 +206,36 @@ def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[Sharded
         # touches only the pages of the rows it keeps.
         array = checkpoint.map_array(name)
         for position, tensor in targets:
-            part = array if tensor.is_copy else cutter.cut(array, tensor.keep, pad_bits(tensor.dtype, tensor.pad_value))
-            writers[position].write_array(tensor.target, tensor.dtype, part)
+            if tensor.is_copy:
+                parts = _blocks_of(array, ring.buffer_bytes)
+            else:
+                parts = _cut_blocks(cutter, array, tensor, ring)
+            writers[position].write_parts(tensor.target, tensor.dtype, tensor.target_shape, parts)
         log.debug("sliced %s %s for %d budget(s)", name, list(array.shape), len(targets))
+
+
+def _blocks_of(array: np.ndarray, block_bytes: int) -> Iterator[memoryview]:
+    """Yield a contiguous array's bytes in pieces of about ``block_bytes``, without copying."""
+    data = memoryview(array).cast("B") if array.size else memoryview(b"")
+    for start in range(0, max(data.nbytes, 1), block_bytes):
+        yield data[start : start + block_bytes]
+
+
+def _cut_blocks(cutter: ArrayCutter, array: np.ndarray, tensor: TensorSlice, ring: BufferRing) -> Iterator[np.ndarray]:
+    """Yield the cut of ``array`` in blocks of whole rows, each in a buffer of ``ring``."""
+    shape = tensor.target_shape
+    pad = pad_bits(tensor.dtype, tensor.pad_value)
+    if not shape:  # a scalar has no rows; there is nothing to cut
+        yield np.ascontiguousarray(array)
+        return
+    itemsize = array.dtype.itemsize
+    row_bytes = math.prod(shape[1:]) * itemsize
+    if tensor.keep and tensor.keep[0] is not None and any(indices is not None for indices in tensor.keep[1:]):
+        # Rows are gathered whole into the cutter's scratch array before the columns are cut.
+        row_bytes = max(row_bytes, math.prod(array.shape[1:]) * itemsize)
+    rows_per_block = max(1, ring.buffer_bytes // max(row_bytes, 1))
+    for start in range(0, shape[0], rows_per_block):
+        rows = min(rows_per_block, shape[0] - start)
+        out = ring.take(rows * math.prod(shape[1:]) * itemsize).view(array.dtype).reshape(rows, *shape[1:])
+        cutter.cut_rows(array, tensor.keep, pad, start, out)
+        yield out
