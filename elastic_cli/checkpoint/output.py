@@ -46,10 +46,17 @@ def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = 
             be created or written.
     """
     check_inputs_kept(output, inputs)
-    if output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists", "pass --overwrite to replace it, or choose another --output")
+    working = Path.cwd().resolve()
+    target = output.resolve()
+    if target == working or target in working.parents:
+        raise UsageError(
+            f"--output {output} is the current folder or contains it",
+            "choose a new folder, such as --output ./child",
+        )
     if output.exists() and not output.is_dir():
         raise OutputError(f"output {output} exists and is not a folder", "choose another --output")
+    if output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists", "pass --overwrite to replace it, or choose another --output")
     parent = output.parent
     blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -64,17 +71,37 @@ def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = 
         raise OutputError(f"cannot write output {output}: {parent} is not writable", "choose a writable --output folder")
 
 
+# Hidden names beside the output keep at most this much of its name, so that they stay within
+# the 255-byte limit of common file systems whatever the output's name.
+_HIDDEN_NAME_CHARS = 160
+
+
+def hidden_name(output: Path, suffix: str) -> str:
+    """Return the name of a hidden file or folder beside ``output``: ``.NAME`` and ``suffix``."""
+    return f".{output.name[:_HIDDEN_NAME_CHARS]}{suffix}"
+
+
 def replace_destination(temp: Path, output: Path, overwrite: bool) -> None:
     _fsync_dir(temp)
     if output.exists():
         if not overwrite:
             raise OutputError(f"output {output} appeared while writing", "pass --overwrite or choose another --output")
-        trash = output.parent / f".{output.name}.old-{secrets.token_hex(4)}"
-        os.rename(output, trash)
-        os.rename(temp, output)
+        trash = output.parent / hidden_name(output, f".old-{secrets.token_hex(4)}")
+        try:
+            os.rename(output, trash)
+        except OSError as error:
+            raise output_error(output, error) from error
+        try:
+            os.rename(temp, output)
+        except OSError as error:
+            os.rename(trash, output)  # put the old output back
+            raise output_error(output, error) from error
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.rename(temp, output)
+        try:
+            os.rename(temp, output)
+        except OSError as error:
+            raise output_error(output, error) from error
     _fsync_dir(output.parent)
 
 

@@ -11,6 +11,8 @@ folder is renamed to the destination in one step.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic_cli.checkpoint.manifest import file_digest
-from elastic_cli.checkpoint.output import check_destination, replace_destination
+from elastic_cli.checkpoint.output import check_destination, hidden_name, replace_destination
 from elastic_cli.checkpoint.writer import output_error
 from elastic_cli.errors import OutputError
 
@@ -128,22 +130,80 @@ def resumable_folder(output: Path, overwrite: bool, key: str, inputs: tuple[Path
     run with the same key. ``output`` may neither be nor contain one of ``inputs``.
     """
     check_destination(output, overwrite, inputs)
-    work = output.parent / f".{output.name}{RESUME_MARKER}{key[:16]}"
-    for stale in output.parent.glob(f".{output.name}{RESUME_MARKER}*"):
-        if stale != work:
-            log.info("removing %s: inputs or options changed since that run", stale.name)
-            shutil.rmtree(stale, ignore_errors=True)
+    _COMMIT.started = False
+    work = output.parent / hidden_name(output, f"{RESUME_MARKER}{key[:16]}")
     try:
-        work.mkdir(exist_ok=True)
+        work.mkdir()
+        created = True
+    except FileExistsError:
+        created = False
     except OSError as error:
         raise OutputError(f"cannot write output {output}: {error.strerror or error}", "choose a writable --output folder") from error
-    journal = Journal.load(work, key)
+    # The lock is taken before anything is removed, so a run that loses the race to another
+    # run writing the same output leaves that run's files alone.
+    lock = _lock_folder(work, output)
     try:
-        yield journal
-        journal.close()
-        replace_destination(work, output, overwrite)
-    except BaseException:
-        journal.discard_unfinished()
-        if not journal.done:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+        for stale in output.parent.glob(hidden_name(output, f"{RESUME_MARKER}*")):
+            if stale == work:
+                continue
+            try:
+                os.close(_lock_folder(stale, output))
+            except OutputError:
+                if created:
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
+            log.info("removing %s: inputs or options changed since that run", stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        journal = Journal.load(work, key)
+        try:
+            yield journal
+            journal.close()
+            _COMMIT.started = True
+            replace_destination(work, output, overwrite)
+        except BaseException:
+            journal.discard_unfinished()
+            if not journal.done:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    finally:
+        os.close(lock)
+
+
+class _CommitState:
+    """Whether this process has begun to move a finished output into place."""
+
+    started = False
+
+
+_COMMIT = _CommitState()
+
+
+def commit_started() -> bool:
+    """Return True once a finished output is being moved into place.
+
+    From then on the output is complete or about to be, so the command line lets an interrupt
+    pass and exits 0 instead of reporting that nothing was written.
+    """
+    return _COMMIT.started
+
+
+def _lock_folder(folder: Path, output: Path) -> int:
+    """Take an exclusive lock on a work folder and return its descriptor, held until closed.
+
+    Raises:
+        OutputError: If another process holds the lock: it is writing the same output.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise output_error(folder, error) from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise OutputError(
+                f"another elastic run is writing output {output}", "wait for it to finish, or choose another --output"
+            ) from None
+        raise output_error(folder, error) from error
+    return descriptor

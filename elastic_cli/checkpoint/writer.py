@@ -321,7 +321,9 @@ class ShardedWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self._pipeline.wait()  # the write thread may still hold the open shard
         if self._handle is not None:
-            self._handle.close()
+            # The shard is unfinished, so it is discarded. A failed write (a full disk) can leave
+            # bytes in the file object's buffer, which would fail again as it closes.
+            _close_quietly(self._handle)
             self._handle = None
 
     def is_done(self, name: str) -> bool:
@@ -461,10 +463,11 @@ class ShardedWriter:
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as error:
-            raise output_error(self.folder / file, error) from error
-        finally:
-            self._handle.close()
+            _close_quietly(self._handle)
             self._handle = None
+            raise output_error(self.folder / file, error) from error
+        self._handle.close()
+        self._handle = None
 
     def finish(self) -> None:
         """Close the last shard, wait for the pipeline and write the index (for several shards)."""
@@ -488,6 +491,14 @@ _WRITEBACK_BYTES = 4 * 1024 * 1024
 
 def _nothing() -> None:
     pass
+
+
+def _close_quietly(handle: BinaryIO) -> None:
+    """Close a file whose data is being discarded, ignoring the errors of flushing its buffer."""
+    try:
+        handle.close()
+    except OSError:
+        pass
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

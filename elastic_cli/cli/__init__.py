@@ -17,6 +17,7 @@ from elastic_cli.cli.push_cmd import push
 from elastic_cli.cli.quantize_cmd import quantize
 from elastic_cli.cli.slice_cmd import slice_
 from elastic_cli.cli.verify_cmd import verify
+from elastic_cli.checkpoint.resume import commit_started
 from elastic_cli.errors import ElasticError, is_out_of_memory
 
 app = typer.Typer(
@@ -58,11 +59,15 @@ class _Interrupted(BaseException):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated()
+    if not commit_started():
+        raise _Terminated()
 
 
 def _on_sigint(signum: int, frame: object) -> None:
-    raise _Interrupted()
+    # Once the finished output is being moved into place, the run has done its work: it
+    # finishes and exits 0 rather than report that nothing was written.
+    if not commit_started():
+        raise _Interrupted()
 
 
 def main() -> None:
