@@ -3,6 +3,11 @@
 A repo id (``org/name``, optional ``--revision``) is resolved through huggingface_hub's
 ``snapshot_download`` with only the files elastic uses, so the offline cache is honoured
 (``HF_HUB_OFFLINE=1``, ``HF_HUB_CACHE``) and nothing else is fetched.
+
+huggingface_hub stores a repo in its cache as ``models--org--name/``: file contents in
+``blobs/``, and each commit in ``snapshots/<commit>/`` as relative links into ``blobs/``. A
+checkpoint file must resolve inside its trust root, which for such a snapshot is the repo
+folder and for any other local folder is the folder itself.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ ALLOW_PATTERNS = [
     "*.tiktoken",
     "LICENSE*",
 ]
+_MODEL_REPO_PREFIX = "models--"
+_PATH_STARTS = ("./", "../", "/", "~")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -35,9 +42,11 @@ class ResolvedCheckpoint:
     Attributes:
         path: The folder holding ``config.json`` and the shards.
         trust_root: The folder every file must resolve inside.
-        name: The repo id, or the local folder's name (never an absolute path, so outputs
-            that record it stay the same wherever the input lies).
-        revision: The commit hash for hub checkpoints, ``None`` for local folders.
+        name: The repo id (also for a local hub cache snapshot), or the local folder's name
+            (never an absolute path, so outputs that record it stay the same wherever the
+            input lies).
+        revision: The commit hash for hub checkpoints and local hub cache snapshots, ``None``
+            for other local folders.
     """
 
     path: Path
@@ -54,8 +63,8 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> ResolvedCheckp
         revision: Branch, tag or commit of a hub repo; rejected for local folders.
 
     Raises:
-        CheckpointError: If the folder does not exist and ``spec`` is not a valid repo id, or
-            the repo cannot be resolved (offline and not cached, unknown repo or revision).
+        CheckpointError: If the folder does not exist and ``spec`` is a path or not a valid repo
+            id, or the repo cannot be resolved (offline and not cached, unknown repo or revision).
     """
     local = Path(spec).expanduser()
     if local.exists():
@@ -63,14 +72,61 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> ResolvedCheckp
             raise CheckpointError(f"{spec} is a file, not a checkpoint folder", "pass the folder that contains config.json")
         if revision is not None:
             raise UsageError(f"--revision {revision} applies to hub repo ids, not to the local folder {spec}", "drop --revision")
-        return ResolvedCheckpoint(path=local, trust_root=local.resolve(), name=local.resolve().name, revision=None)
+        return _resolve_local(local)
 
+    if _names_local_path(spec):
+        raise CheckpointError(f"checkpoint folder {spec!r} does not exist", _missing_folder_hint(spec, local))
     if not _REPO_ID.match(spec) or ".." in spec:
         raise CheckpointError(
             f"{spec!r} is neither an existing folder nor a Hugging Face repo id",
             "pass a checkpoint folder or an id like org/name",
         )
     return _resolve_repo(spec, revision)
+
+
+def _resolve_local(folder: Path) -> ResolvedCheckpoint:
+    """Resolve an existing local folder, trusting its hub cache repo folder if it is a snapshot.
+
+    A snapshot folder is named after its repo id and commit, as ``_resolve_repo`` names it, so
+    both ways of passing the same snapshot write the same outputs.
+    """
+    real = folder.resolve()
+    repo = real.parent.parent
+    in_snapshots = real.parent.name == "snapshots" and repo.name.startswith(_MODEL_REPO_PREFIX)
+    if not (in_snapshots and (repo / "blobs").is_dir()):
+        return ResolvedCheckpoint(path=folder, trust_root=real, name=real.name, revision=None)
+
+    # huggingface_hub (2.4, repo_folder_name) joins "models" and the parts of the repo id with
+    # "--", and validate_repo_id rejects "--" inside an id, so this reverses it exactly.
+    repo_id = repo.name.removeprefix(_MODEL_REPO_PREFIX).replace("--", "/")
+    return ResolvedCheckpoint(path=folder, trust_root=repo, name=repo_id, revision=real.name)
+
+
+def _names_local_path(spec: str) -> bool:
+    """Tell whether a missing ``spec`` is a local path rather than a repo id.
+
+    It is one when it starts like a path (``./``, ``../``, ``/``, ``~``), has more than one
+    slash, or has one slash after the name of a local folder (``ckpts/typo`` with ``ckpts/``
+    present, which is also a valid repo id).
+    """
+    if spec.startswith(_PATH_STARTS) or spec.count("/") > 1:
+        return True
+    first, slash, _ = spec.partition("/")
+    return bool(slash) and Path(first).is_dir()
+
+
+def _missing_folder_hint(spec: str, path: Path) -> str:
+    """Name the deepest folder of ``path`` that exists, so the typo is easy to find."""
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing in (Path("."), Path(existing.anchor)):
+        return "check the path"
+
+    hint = f"{existing} exists but contains no {path.relative_to(existing)}, so check the path"
+    if _REPO_ID.match(spec):
+        hint += f". To use the Hugging Face repo {spec}, run elastic from a folder without a {existing} subfolder"
+    return hint
 
 
 def _resolve_repo(repo_id: str, revision: str | None) -> ResolvedCheckpoint:

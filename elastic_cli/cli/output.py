@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from typing import Any, Callable
 
 from rich.console import Console
-
-from elastic_cli.errors import UsageError
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -52,19 +49,3 @@ def format_bytes(count: float) -> str:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
     return f"{count:.1f} TiB"
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str, option: str) -> int:
-    """Parse a size such as ``5GB``, ``500MB`` or ``2GiB`` into bytes.
-
-    Raises:
-        UsageError: Naming the option when the text is not a positive size.
-    """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
-        raise UsageError(f"{option} {text!r} is not a size", "write it like 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[unit])

@@ -10,8 +10,19 @@ from rich.console import Console
 from rich.table import Table
 
 from elastic_cli.cli import qad_options as q
-from elastic_cli.cli.options import BudgetSpec, Quiet, Verbose, Checkpoint, DryRun, Json, Overwrite, Revision
-from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
+from elastic_cli.cli.options import (
+    BudgetSpec,
+    Checkpoint,
+    DryRun,
+    Json,
+    MaxShardSize,
+    Overwrite,
+    Quiet,
+    Revision,
+    Verbose,
+    parse_size,
+)
+from elastic_cli.cli.output import configure_logging, emit, format_bytes
 from elastic_cli.elastic.source import open_source
 from elastic_cli.errors import UsageError
 from elastic_cli.qad.options import DEFAULT_MAX_WINDOWS, row_label
@@ -49,7 +60,7 @@ def quantize(
     calib_seq_len: CalibSeqLen = 256,
     revision: Revision = None,
     budget_spec: BudgetSpec = None,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest shard file, such as 5GB.")] = "5GB",
+    max_shard_size: MaxShardSize = "5GB",
     overwrite: Overwrite = False,
     dry_run: DryRun = False,
     json: Json = False,

@@ -9,8 +9,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from elastic_cli.cli.options import Quiet, Verbose, BudgetSpec, Checkpoint, DryRun, Json, Overwrite, Revision
-from elastic_cli.cli.output import configure_logging, emit, format_bytes, parse_size
+from elastic_cli.cli.options import (
+    BudgetSpec,
+    Checkpoint,
+    DryRun,
+    Json,
+    MaxShardSize,
+    Overwrite,
+    Quiet,
+    Revision,
+    Verbose,
+    parse_size,
+)
+from elastic_cli.cli.output import configure_logging, emit, format_bytes
 from elastic_cli.elastic.modelcard import format_params
 from elastic_cli.elastic.slicer import output_folders, plan_budgets, slice_checkpoint
 from elastic_cli.elastic.source import open_source
@@ -25,9 +36,6 @@ OutputOption = Annotated[
     typer.Option(
         "--output", "-o", help="Output folder; with several budgets each goes to OUTPUT/<budget>.", show_default=False
     ),
-]
-MaxShardSize = Annotated[
-    str, typer.Option("--max-shard-size", help="Largest shard file, such as 5GB, 500MB or 2GiB (plain numbers are bytes).")
 ]
 
 
@@ -57,6 +65,7 @@ def slice_(
     configure_logging(verbose, quiet, keep_global=True)
     if not budget:
         raise UsageError("no --budget given", "pass --budget NAME (repeatable) or --budget all")
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     nested = len(budget) > 1 or "all" in budget
     source = open_source(checkpoint, revision, budget_spec)
     try:
@@ -70,7 +79,7 @@ def slice_(
             ]
         else:
             written = slice_checkpoint(
-                source, plans, output, nested=nested, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size, "--max-shard-size")
+                source, plans, output, nested=nested, overwrite=overwrite, max_shard_bytes=max_shard_bytes
             )
             results = [
                 {"budget": r.budget, "path": str(r.path), "params": r.params, "active_params": r.active_params,
