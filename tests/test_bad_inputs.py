@@ -538,21 +538,36 @@ def test_output_in_read_only_folder(invoke_cli, elastic_checkpoint, tmp_path):
 # Checkpoint argument
 
 
-@pytest.mark.parametrize("spec", ["no/such/folder", "not a repo", "org/name/extra"])
+@pytest.mark.parametrize("spec", ["not a repo", "org/na me"])
 def test_neither_folder_nor_repo_id(slice_fails, spec):
     slice_fails(spec, f"'{spec}'", "neither")
 
 
-@pytest.mark.parametrize("spec", ["../../etc", "../org", "org/..", "org/../../etc", "org/na..me"])
-def test_repo_id_path_traversal(invoke_cli, tmp_path, spec):
-    # From tmp/a/b/c, "../../etc" is tmp/a/etc, which does not exist, so the argument cannot
-    # be a local folder and must be rejected as a repo id.
+@pytest.mark.parametrize("spec", ["no/such/folder", "org/name/extra"])
+def test_missing_folder_with_two_slashes(slice_fails, spec):
+    slice_fails(spec, f"checkpoint folder '{spec}' does not exist")
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("../../etc", "checkpoint folder '../../etc' does not exist"),
+        ("../org", "checkpoint folder '../org' does not exist"),
+        ("org/../../etc", "checkpoint folder 'org/../../etc' does not exist"),
+        ("org/..", "'org/..' is neither"),
+        ("org/na..me", "'org/na..me' is neither"),
+    ],
+)
+def test_repo_id_path_traversal(invoke_cli, tmp_path, spec, expected):
+    # From tmp/a/b/c, "../../etc" is tmp/a/etc, which does not exist. An argument that reads as
+    # a path is reported as a missing folder, and one with ".." that could be a repo id is
+    # rejected as a repo id, so neither reaches the hub.
     cwd = tmp_path / "a" / "b" / "c"
     cwd.mkdir(parents=True)
 
     result = invoke_cli("slice", spec, "--budget", "small", "--output", cwd / "out", cwd=cwd)
 
-    assert_one_error(result, f"'{spec}'", "neither")
+    assert_one_error(result, expected)
     assert_no_output(cwd / "out")
 
 
@@ -560,3 +575,95 @@ def test_file_instead_of_folder(slice_fails, elastic_checkpoint, tmp_path):
     config = elastic_checkpoint / "config.json"
 
     slice_fails(str(config), "config.json", "not a checkpoint folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Unknown and missing keys in budget specs and elastic_config.json
+
+BUDGET_KEYS_IN_SPEC = "['keep', 'name', 'partial', 'target_params']"
+BUDGET_KEYS_IN_MASKS = "['masks', 'name', 'partial', 'target_params']"
+
+
+def write_spec(checkpoint: Path, document: dict[str, Any]) -> Path:
+    spec = checkpoint.parent / "spec.json"
+    spec.write_text(json.dumps(document))
+    return spec
+
+
+@pytest.mark.parametrize("key", ["masks", "kep"], ids=["masks-instead-of-keep", "misspelt-keep"])
+def test_budget_spec_unknown_budget_key(slice_fails, unmasked_checkpoint, key):
+    small = {"name": "small", key: {"hidden": 64}}
+    spec = write_spec(unmasked_checkpoint, {"budgets": [{"name": "full", "keep": {}}, small]})
+
+    slice_fails(
+        unmasked_checkpoint, spec.name, "'small'", f"unknown key '{key}'", BUDGET_KEYS_IN_SPEC,
+        extra=("--budget-spec", spec),
+    )
+
+
+def test_budget_spec_budget_without_keep(slice_fails, unmasked_checkpoint):
+    spec = write_spec(unmasked_checkpoint, {"budgets": [{"name": "full", "keep": {}}, {"name": "small"}]})
+
+    slice_fails(unmasked_checkpoint, spec.name, "'small'", "missing key 'keep'", extra=("--budget-spec", spec))
+
+
+def test_budget_spec_unknown_top_level_key(slice_fails, unmasked_checkpoint):
+    document = {"budgets": [{"name": "full", "keep": {}}, {"name": "small", "keep": {"hidden": 64}}], "default": {}}
+    spec = write_spec(unmasked_checkpoint, document)
+
+    line = slice_fails(
+        unmasked_checkpoint, spec.name, "unknown key 'default'", "['budgets']", extra=("--budget-spec", spec)
+    )
+
+    assert "budget '" not in line, f"a problem of the whole file is attributed to a budget: {line}"
+
+
+def test_budget_spec_empty_keep_accepted(invoke_cli, unmasked_checkpoint):
+    spec = write_spec(unmasked_checkpoint, {"budgets": [{"name": "full", "keep": {}}]})
+
+    result = invoke_cli("inspect", unmasked_checkpoint, "--budget-spec", spec, "--json")
+
+    assert result.exit_code == 0, f"an empty 'keep' object was rejected:\n{result.stderr}"
+    assert [budget["hidden_size"] for budget in json.loads(result.stdout)["budgets"]] == [128]
+
+
+def test_masks_unknown_budget_key(slice_fails, copy_checkpoint):
+    def misspell_masks(document: dict[str, Any]) -> None:
+        small = budget_entry(document, "small")
+        small["mask"] = small.pop("masks")
+
+    edit_json(copy_checkpoint / MASKS, misspell_masks)
+
+    line = slice_fails(copy_checkpoint, MASKS, "'small'", "unknown key 'mask'", BUDGET_KEYS_IN_MASKS)
+
+    assert "(and 1 more)" in line, f"the missing 'masks' key is not counted: {line}"
+
+
+def test_masks_budget_without_masks(slice_fails, copy_checkpoint):
+    edit_json(copy_checkpoint / MASKS, lambda document: budget_entry(document, "small").pop("masks"))
+
+    slice_fails(copy_checkpoint, MASKS, "'small'", "missing key 'masks'")
+
+
+def test_masks_unknown_top_level_key(slice_fails, copy_checkpoint):
+    set_json_value(copy_checkpoint / MASKS, ("budget",), [])
+
+    slice_fails(copy_checkpoint, MASKS, "unknown key 'budget'", "['budgets', 'format', 'format_version']")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts that transformers' group-limited router cannot route
+
+
+def test_budget_spec_single_expert_routing_groups(slice_fails, unmasked_checkpoint):
+    # With 8 experts in 2 routing groups, keeping 2 leaves one expert per group, and the router's
+    # top-2 inside each group fails on that.
+    set_json_value(unmasked_checkpoint / "config.json", ("n_group",), 2)
+    set_json_value(unmasked_checkpoint / "config.json", ("topk_group",), 1)
+    small = {"name": "small", "keep": {"experts": 2}}
+    spec = write_spec(unmasked_checkpoint, {"budgets": [{"name": "full", "keep": {}}, small]})
+
+    slice_fails(
+        unmasked_checkpoint, "'small'", f"layer {MOE_LAYER}", "'experts'", "1 expert(s) per routing group",
+        extra=("--budget-spec", spec),
+    )

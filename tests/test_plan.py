@@ -1,10 +1,17 @@
-"""Slice plans against hand-computed indices, configs and counts (no tensor data needed)."""
+"""Slice plans against hand-computed indices, configs and counts (no tensor data needed).
+
+The validator's routing-group rules are also checked against transformers' NemotronH router: a
+budget at the limit is sliced and run, and models built from configs that break a rule show
+the router's failure.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from elastic_cli.arch.nemotron_h import parse_config
 from elastic_cli.checkpoint.safetensors_io import TensorInfo
@@ -12,7 +19,8 @@ from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
 from elastic_cli.elastic.masks import LAYER_AXES, Axis, Budget, axis_length
 from elastic_cli.elastic.plan import build_plan
 from elastic_cli.elastic.validate import validate_budgets
-from elastic_cli.synthetic import nano_v3_config, template_shapes, tensor_dtype, tiny_config
+from elastic_cli.synthetic import nano_v3_config, template_shapes, tensor_dtype, tiny_config, write_checkpoint
+from tests.reference.masked_forward import masked_forward
 
 
 def header_only(config: dict) -> dict[str, TensorInfo]:
@@ -225,3 +233,101 @@ def test_validate_requires_partial_flag_on_dropping_parent():
 
     assert len(problems) == 1
     assert "partial" in problems[0].message
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE routing groups: the rules that transformers' group-limited top-k router needs
+
+
+def routed_config(pattern: str = "E", **overrides) -> dict:
+    """Return a tiny config with 8 experts in 2 routing groups of 4, of which the router selects 1."""
+    settings = {"n_routed_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2}
+    settings.update(overrides)
+    return tiny_config(pattern, **settings)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "experts"),
+    [
+        ({}, [0, 4]),
+        ({"n_group": 1, "num_experts_per_tok": 1}, [3]),
+    ],
+    ids=["two-groups", "one-group"],
+)
+def test_validate_rejects_single_expert_groups(overrides, experts):
+    config = routed_config(**overrides)
+    budget = make_budget(config, per_layer={0: {Axis.EXPERTS: experts}})
+    problems = validate_budgets(parse_config(config), [make_budget(config, name="full"), budget])
+
+    assert [(p.budget, p.layer, p.axis) for p in problems] == [("child", 0, "experts")]
+    assert "1 expert(s) per routing group" in problems[0].message
+    assert "two best experts" in problems[0].message
+
+
+def test_validate_rejects_too_few_selectable_experts():
+    config = routed_config(num_experts_per_tok=3)
+    budget = make_budget(config, per_layer={0: {Axis.EXPERTS: [0, 1, 4, 5]}})
+    problems = validate_budgets(parse_config(config), [make_budget(config, name="full"), budget])
+
+    assert [(p.budget, p.layer, p.axis) for p in problems] == [("child", 0, "experts")]
+    assert "offer 2 experts" in problems[0].message
+    assert "num_experts_per_tok 3" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("top_k", "experts"),
+    [(2, [0, 1, 4, 5]), (3, [0, 1, 2, 4, 5, 6])],
+    ids=["two-per-group", "top-k-per-group"],
+)
+def test_validate_accepts_routing_groups_at_limit(top_k, experts):
+    config = routed_config(num_experts_per_tok=top_k)
+    budget = make_budget(config, per_layer={0: {Axis.EXPERTS: experts}})
+
+    assert validate_budgets(parse_config(config), [make_budget(config, name="full"), budget]) == []
+
+
+def build_router_model(config: dict):
+    """Build a transformers NemotronH model with random weights from a config dictionary."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config)).eval()
+
+
+def test_router_fails_on_single_expert_groups():
+    # The child of the two-groups case above: 2 experts left in 2 routing groups.
+    model = build_router_model(routed_config(n_routed_experts=2))
+
+    with pytest.raises(RuntimeError, match="selected index k out of range"), torch.no_grad():
+        model(torch.randint(0, 512, (1, 5)), use_cache=False)
+
+
+def test_router_picks_rejected_groups_below_top_k():
+    # The child of the too-few-selectable case above: 2 experts in each of 2 groups, and a top-3
+    # taken from the 1 selected group.
+    config = routed_config(n_routed_experts=4, num_experts_per_tok=3)
+    router = build_router_model(config).model.layers[0].mixer.gate
+
+    with torch.no_grad():
+        _, _, indices = router(torch.randn(16, config["hidden_size"], generator=torch.Generator().manual_seed(1)))
+
+    groups_per_token = [len({expert // 2 for expert in token}) for token in indices.tolist()]
+    assert groups_per_token == [2] * 16, "a top-3 from 2 selectable experts should spill into the rejected group"
+
+
+def test_routing_limit_child_matches_masked_parent(tmp_path):
+    # Imported here because that module skips itself without transformers.
+    from tests.test_slice_golden import ATOL, RTOL, parent_tensors, reference_masks, sliced_logits
+
+    config = routed_config("ME")
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    write_checkpoint(parent, config, seed=7)
+    budget = make_budget(config, per_layer={1: {Axis.EXPERTS: [0, 1, 4, 5]}})
+    input_ids = torch.randint(0, config["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+
+    expected = masked_forward(config, parent_tensors(parent), input_ids, reference_masks(budget))
+    actual = sliced_logits(parent, budget, tmp_path, input_ids)
+
+    assert json.loads((tmp_path / "child" / "config.json").read_text())["n_routed_experts"] == 4
+    assert expected.abs().max() > 0.1, "reference logits are degenerate; the test would prove nothing"
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)

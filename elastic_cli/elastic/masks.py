@@ -27,6 +27,14 @@ MASKS_FILE = "elastic_config.json"
 FORMAT_NAME = "elastic-nemotron-h"
 FORMAT_VERSION = 1
 BUDGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The keys each level may contain. Any other key is an error, so a misspelt key is reported
+# instead of being read as an absent mask that keeps everything.
+MASKS_DOCUMENT_KEYS = frozenset({"format", "format_version", "budgets"})
+SPEC_DOCUMENT_KEYS = frozenset({"budgets"})
+BUDGET_HEADER_KEYS = frozenset({"name", "target_params", "partial"})
+# Budget-level label of a problem that concerns the whole file rather than one budget.
+WHOLE_FILE = "-"
+NOT_A_BUDGET_LIST = "the file must be an object with a non-empty 'budgets' list"
 
 
 class Axis(str, enum.Enum):
@@ -117,11 +125,13 @@ class MaskProblem:
     message: str
 
     def __str__(self) -> str:
-        where = [f"budget '{self.budget}'"]
+        where = [] if self.budget == WHOLE_FILE else [f"budget '{self.budget}'"]
         if self.layer is not None:
             where.append(f"layer {self.layer}")
         if self.axis is not None:
             where.append(f"axis '{self.axis}'")
+        if not where:
+            return self.message
         return f"{', '.join(where)}: {self.message}"
 
     def to_json(self) -> dict[str, Any]:
@@ -158,12 +168,26 @@ def encode_mask(mask: Mask) -> str:
     return "".join("1" if keep else "0" for keep in mask)
 
 
-def _budget_header(entry: Any, position: int, problems: list[MaskProblem], seen: set[str]) -> tuple[str, int | None, bool] | None:
+def _unknown_keys(
+    mapping: dict, allowed: frozenset[str], where: tuple[str, int | None], problems: list[MaskProblem]
+) -> None:
+    """Report every key of ``mapping`` that is not in ``allowed``."""
+    budget, layer = where
+    for key in mapping:
+        if key not in allowed:
+            problems.append(MaskProblem(budget, layer, None, f"unknown key {key!r}; expected one of {sorted(allowed)}"))
+
+
+def _budget_header(
+    entry: Any, position: int, body_key: str, problems: list[MaskProblem], seen: set[str]
+) -> tuple[str, int | None, bool] | None:
     if not isinstance(entry, dict):
         problems.append(MaskProblem(f"#{position}", None, None, "budget entry must be an object"))
         return None
     name = entry.get("name")
-    if not isinstance(name, str) or not BUDGET_NAME.match(name):
+    valid_name = isinstance(name, str) and BUDGET_NAME.match(name) is not None
+    _unknown_keys(entry, BUDGET_HEADER_KEYS | {body_key}, (name if valid_name else f"#{position}", None), problems)
+    if not valid_name:
         problems.append(
             MaskProblem(f"#{position}", None, None, f"budget name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         )
@@ -187,31 +211,39 @@ def parse_masks(document: Any, arch: NemotronHArch, source: str = MASKS_FILE) ->
     """Parse an ``elastic_config.json`` document into budgets, largest first.
 
     Raises:
-        MaskFormatError: With every problem found (wrong types, lengths, unknown axes or layers).
+        MaskFormatError: With every problem found (wrong types or lengths, unknown keys, axes or
+            layers, a budget without ``masks``).
     """
     problems: list[MaskProblem] = []
     if not isinstance(document, dict) or not isinstance(document.get("budgets"), list) or not document["budgets"]:
-        raise MaskFormatError([MaskProblem("-", None, None, "the file must be an object with a non-empty 'budgets' list")], source)
+        raise MaskFormatError([MaskProblem(WHOLE_FILE, None, None, NOT_A_BUDGET_LIST)], source)
     version = document.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise MaskFormatError(
-            [MaskProblem("-", None, None, f"format_version {version!r} is not supported (this elastic reads {FORMAT_VERSION})")],
-            source,
-        )
+        message = f"format_version {version!r} is not supported (this elastic reads {FORMAT_VERSION})"
+        raise MaskFormatError([MaskProblem(WHOLE_FILE, None, None, message)], source)
 
+    _unknown_keys(document, MASKS_DOCUMENT_KEYS, (WHOLE_FILE, None), problems)
     return _parse_budgets(document, source, "masks", "an object of axis masks", problems, _parse_budget_masks, arch)
 
 
 def _parse_budgets(document: dict, source: str, key: str, what: str, problems: list[MaskProblem], build, arch) -> list[Budget]:
-    """Parse every budget entry with ``build`` on its ``key`` object; raise with all problems at the end."""
+    """Parse every budget entry with ``build`` on its ``key`` object; raise with all problems at the end.
+
+    The ``key`` object is required, so a misspelt key cannot turn a budget into a copy of the
+    parent. An empty object is valid and keeps everything.
+    """
     budgets = []
     seen: set[str] = set()
     for position, entry in enumerate(document["budgets"]):
-        header = _budget_header(entry, position, problems, seen)
+        header = _budget_header(entry, position, key, problems, seen)
         if header is None:
             continue
         name, target, partial = header
-        body = entry.get(key, {})
+        if key not in entry:
+            message = f"missing key '{key}'; write \"{key}\": {{}} for a budget that keeps everything"
+            problems.append(MaskProblem(name, None, None, message))
+            continue
+        body = entry[key]
         if not isinstance(body, dict):
             problems.append(MaskProblem(name, None, None, f"'{key}' must be {what}"))
             continue
@@ -334,25 +366,27 @@ def parse_budget_spec(document: Any, arch: NemotronHArch, source: str) -> list[B
 
     The spec is ``{"budgets": [{"name", "target_params"?, "partial"?, "keep": {axis: count, ...,
     "per_layer": {"3": {axis: count}}}}]}``. A global count of a per-layer axis applies to every
-    layer of the matching kind; per-layer counts override it.
+    layer of the matching kind; per-layer counts override it. Any other key, or a budget without
+    ``keep``, is an error.
 
     Raises:
         MaskFormatError: With every problem found.
     """
     problems: list[MaskProblem] = []
     if not isinstance(document, dict) or not isinstance(document.get("budgets"), list) or not document["budgets"]:
-        raise MaskFormatError([MaskProblem("-", None, None, "the file must be an object with a non-empty 'budgets' list")], source)
+        raise MaskFormatError([MaskProblem(WHOLE_FILE, None, None, NOT_A_BUDGET_LIST)], source)
 
+    _unknown_keys(document, SPEC_DOCUMENT_KEYS, (WHOLE_FILE, None), problems)
     return _parse_budgets(document, source, "keep", "an object of axis counts", problems, _spec_budget, arch)
 
 
 def _spec_budget(
     arch: NemotronHArch, name: str, target: int | None, partial: bool, keep: dict[str, Any], problems: list[MaskProblem]
 ) -> Budget:
-    axes = {axis.value: axis for axis in Axis}
+    known = {axis.value for axis in Axis} | {"per_layer"}
     for key in keep:
-        if key != "per_layer" and key not in axes:
-            problems.append(MaskProblem(name, None, key, f"unknown axis; expected one of {sorted(axes)}"))
+        if key not in known:
+            problems.append(MaskProblem(name, None, key, f"unknown axis; expected one of {sorted(known)}"))
     hidden = _full(arch.hidden_size)
     layers = _full(arch.num_layers)
     if "hidden" in keep:
@@ -370,9 +404,11 @@ def _spec_budget(
         if not isinstance(override, dict):
             problems.append(MaskProblem(name, layer, None, "per-layer entry must be an object of axis counts"))
             override = {}
+        allowed = sorted(axis.value for axis in LAYER_AXES[kind])
         for key in override:
-            if key not in {axis.value for axis in LAYER_AXES[kind]}:
-                problems.append(MaskProblem(name, layer, key, f"axis does not apply to a {kind.value} layer"))
+            if key not in allowed:
+                message = f"axis does not apply to a {kind.value} layer; expected one of {allowed}"
+                problems.append(MaskProblem(name, layer, key, message))
         masks = []
         for axis in LAYER_AXES[kind]:
             length = axis_length(arch, axis)

@@ -2,8 +2,8 @@
 
 Checks that every budget is nested in the one listed before it, that the largest keeps everything
 unless declared partial, and that each budget is structurally sliceable: its masks give a model
-the stock NemotronH config can express exactly. Every problem is reported with budget, layer and
-axis; nothing stops at the first one.
+the stock NemotronH config can express exactly and transformers' MoE router can run. Every
+problem is reported with budget, layer and axis; nothing stops at the first one.
 """
 
 from __future__ import annotations
@@ -150,13 +150,47 @@ def _check_moe(arch: NemotronHArch, budget: Budget, layer: int, add) -> None:
     kept = sum(experts)
     if kept < arch.num_experts_per_tok:
         add(layer, Axis.EXPERTS, f"keeps {kept} experts, fewer than num_experts_per_tok {arch.num_experts_per_tok}")
+    counts = group_counts(experts, arch.n_group)
     if kept % arch.n_group != 0:
         add(layer, Axis.EXPERTS, f"keeps {kept} experts, not divisible by n_group {arch.n_group}")
-    elif arch.n_group > 1:
-        counts = group_counts(experts, arch.n_group)
-        if len(set(counts)) > 1:
-            add(layer, Axis.EXPERTS, f"keeps {counts} experts per routing group; group-limited routing needs equal counts")
+    elif len(set(counts)) > 1:
+        add(layer, Axis.EXPERTS, f"keeps {counts} experts per routing group; group-limited routing needs equal counts")
+    elif kept >= arch.num_experts_per_tok:
+        _check_routing_groups(arch, counts[0], layer, add)
     if not any(budget.mask(Axis.EXPERT_CHANNELS, layer)):
         add(layer, Axis.EXPERT_CHANNELS, "keeps no expert FFN channel")
     if not any(budget.mask(Axis.SHARED_EXPERT_CHANNELS, layer)):
         add(layer, Axis.SHARED_EXPERT_CHANNELS, "keeps no shared-expert FFN channel")
+
+
+def _check_routing_groups(arch: NemotronHArch, per_group: int, layer: int, add) -> None:
+    """Check that the NemotronH router of transformers 5.25.0 can route among the kept experts.
+
+    Args:
+        per_group: Experts kept in each of the ``n_group`` routing groups (equal in every group).
+    """
+    # The router scores each routing group by the sum of its two best experts (a top-2 inside
+    # every group, also with n_group 1), so a group of one expert raises RuntimeError
+    # "selected index k out of range".
+    if per_group < 2:
+        add(
+            layer,
+            Axis.EXPERTS,
+            f"keeps {per_group} expert(s) per routing group (n_group {arch.n_group}); the NemotronH router "
+            "scores each group by its two best experts, so every group needs at least 2",
+        )
+        return
+
+    # Only the topk_group best groups stay selectable, because the router sets the scores of the
+    # other groups to -inf before its final top num_experts_per_tok. With fewer selectable experts,
+    # it raises nothing but fills the remaining slots with experts of rejected groups, picked by
+    # the tie order of -inf scores.
+    selectable = per_group * arch.topk_group
+    if selectable < arch.num_experts_per_tok:
+        add(
+            layer,
+            Axis.EXPERTS,
+            f"keeps {per_group} experts per routing group, so the {arch.topk_group} group(s) selected by "
+            f"topk_group offer {selectable} experts, fewer than num_experts_per_tok {arch.num_experts_per_tok}; "
+            "keep more experts per group",
+        )
