@@ -18,6 +18,7 @@ from elastic_cli.checkpoint.safetensors_io import TensorInfo
 from elastic_cli.checkpoint.torch_dtypes import TORCH_TO_DTYPE
 from elastic_cli.elastic.masks import LAYER_AXES, Axis, Budget, axis_length
 from elastic_cli.elastic.plan import build_plan
+from elastic_cli.elastic.slicer import _warn_unaligned_experts
 from elastic_cli.elastic.validate import validate_budgets
 from elastic_cli.synthetic import nano_v3_config, template_shapes, tensor_dtype, tiny_config, write_checkpoint
 from tests.reference.masked_forward import masked_forward
@@ -331,3 +332,29 @@ def test_routing_limit_child_matches_masked_parent(tmp_path):
     assert json.loads((tmp_path / "child" / "config.json").read_text())["n_routed_experts"] == 4
     assert expected.abs().max() > 0.1, "reference logits are degenerate; the test would prove nothing"
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL)
+
+
+def expert_width_budget(config: dict, width: int) -> Budget:
+    return make_budget(config, per_layer={2: {Axis.EXPERT_CHANNELS: list(range(width))}})
+
+
+@pytest.mark.parametrize(("width", "warned"), [(36, True), (40, False)])
+def test_unaligned_expert_width_warned(caplog, width, warned):
+    config = tiny_config("M*E", moe_intermediate_size=48)
+    plan = build_plan(parse_config(config), config, header_only(config), expert_width_budget(config, width))
+
+    with caplog.at_level("WARNING", logger="elastic_cli"):
+        _warn_unaligned_experts(plan)
+
+    assert plan.config["moe_intermediate_size"] == width
+    assert ("moe_intermediate_size 36 is not a multiple of 8" in caplog.text) is warned
+
+
+def test_unaligned_expert_width_fails_in_transformers():
+    """The warning's premise: transformers' default expert kernel rejects such a child in BF16."""
+    config = tiny_config("M*E", moe_intermediate_size=36)
+    model = build_router_model(config).to(torch.bfloat16)
+
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3, 4]]), use_cache=False)

@@ -68,7 +68,33 @@ def plan_budgets(source: ElasticSource, names: list[str]) -> list[SlicePlan]:
     """
     budgets = source.select(names)
     check_sliceable(source.problems, source.origin.name)
-    return [build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget) for budget in budgets]
+    plans = [build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget) for budget in budgets]
+    for plan in plans:
+        _warn_unaligned_experts(plan)
+    return plans
+
+
+# transformers runs routed experts with torch's grouped matrix product by default, which needs
+# every row of the expert weights to be a multiple of 16 bytes (measured with transformers 5.25.0
+# and torch 2.13: "strides should be multiple of 16 bytes").
+_GROUPED_MM_ALIGNMENT_BYTES = 16
+
+
+def _warn_unaligned_experts(plan: SlicePlan) -> None:
+    """Warn when a child's expert widths make transformers' default expert kernel fail."""
+    config = plan.config
+    if not config.get("n_routed_experts"):
+        return
+    for field in ("hidden_size", "moe_intermediate_size"):
+        width = config.get(field)
+        if isinstance(width, int) and width * 2 % _GROUPED_MM_ALIGNMENT_BYTES:
+            log.warning(
+                "budget %s: %s %d is not a multiple of 8, so transformers' default grouped_mm expert "
+                "kernel rejects the child in BF16; load it with experts_implementation='eager'",
+                plan.budget,
+                field,
+                width,
+            )
 
 
 def output_folders(output: Path, plans: list[SlicePlan], nested: bool) -> dict[str, Path]:
