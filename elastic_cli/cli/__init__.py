@@ -94,7 +94,7 @@ def main() -> None:
         stderr.print(f"[red]Error:[/red] out of memory{escape(detail)}; nothing was left half-written", highlight=False)
         stderr.print(
             "Hint: raise the memory limit (ulimit -v, the cgroup's memory.max) or free memory; "
-            "elastic needs about the largest tensor plus its cuts",
+            "elastic needs about its largest tensor plus 0.1 GB to slice, or plus 0.7 GB to quantize",
             highlight=False,
         )
         sys.exit(1)
