@@ -262,6 +262,15 @@ def test_eval_data_needs_qad(parent, tmp_path, invoke_cli):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("option", "value"), [("--eval-seq-len", "64"), ("--eval-windows", "3"), ("--eval-batch-size", "2")])
+def test_eval_option_needs_eval_data(parent, tmp_path, invoke_cli, option, value):
+    result = invoke_cli("quantize", parent, "--format", "nvfp4", "--qad", option, value, "--output", tmp_path / "out")
+
+    assert result.exit_code == 2
+    assert f"{option} is only valid with --eval-data" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_options_rejected():
     from elastic_cli.qad.options import check_eval_options
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from elastic_cli.errors import UsageError
-from elastic_cli.qad.options import COMPUTE_DTYPES, SCHEDULES, EvalOptions, QADOptions
+from elastic_cli.qad.options import COMPUTE_DTYPES, DEFAULT_MAX_WINDOWS, SCHEDULES, EvalOptions, QADOptions
 
 Qad = Annotated[
     bool,
@@ -240,9 +240,15 @@ def build_eval_options(
         ``None`` without ``--eval-data``, so the run evaluates nothing.
 
     Raises:
-        UsageError: For ``--eval-data`` without ``--qad``.
+        UsageError: For ``--eval-data`` without ``--qad``, or another ``--eval-*`` option
+            without ``--eval-data``.
     """
     if data is None:
+        given = {"--eval-seq-len": seq_len is not None, "--eval-windows": max_windows != DEFAULT_MAX_WINDOWS,
+                 "--eval-batch-size": batch_size is not None}
+        for name, is_given in given.items():
+            if is_given:
+                raise UsageError(f"{name} is only valid with --eval-data", f"add --qad --eval-data FILE, or remove {name}")
         return None
     if not qad:
         raise UsageError("--eval-data is only valid with --qad", "add --qad, or remove --eval-data")
