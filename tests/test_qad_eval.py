@@ -271,6 +271,15 @@ def test_eval_option_needs_eval_data(parent, tmp_path, invoke_cli, option, value
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_eval_data_rejected_in_dry_run(parent, tmp_path, invoke_cli):
+    missing = tmp_path / "missing.jsonl"
+
+    result = invoke_cli("quantize", parent, "--format", "nvfp4", "--qad", "--eval-data", missing, "--dry-run")
+
+    assert result.exit_code == 2
+    assert f"evaluation data {missing} not found" in result.stderr
+
+
 def test_eval_options_rejected():
     from elastic_cli.qad.options import check_eval_options
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from elastic_cli.errors import UsageError
-from elastic_cli.qad.options import COMPUTE_DTYPES, DEFAULT_MAX_WINDOWS, SCHEDULES, EvalOptions, QADOptions
+from elastic_cli.qad.options import COMPUTE_DTYPES, DEFAULT_MAX_WINDOWS, SCHEDULES, EvalOptions, QADOptions, check_eval_file
 
 Qad = Annotated[
     bool,
@@ -252,4 +252,5 @@ def build_eval_options(
         return None
     if not qad:
         raise UsageError("--eval-data is only valid with --qad", "add --qad, or remove --eval-data")
+    check_eval_file(data)  # also in a dry run, which reads nothing else of it
     return EvalOptions(data=data, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)

@@ -34,12 +34,12 @@ from elastic_cli.errors import UsageError
 from elastic_cli.qad import distributed
 from elastic_cli.qad.distributed import DistContext
 from elastic_cli.qad.nested import NestedNemotronH
-from elastic_cli.qad.options import EvalOptions, row_label
+from elastic_cli.qad.options import EVAL_DATA_FIX, EvalOptions, check_eval_file, row_label
 from elastic_cli.quantize.calib_data import pack_windows
 
 log = logging.getLogger(__name__)
 
-_FIX = "pass --eval-data a UTF-8 .txt file (documents separated by blank lines), or .jsonl lines with 'text' or 'messages'"
+_FIX = EVAL_DATA_FIX
 
 
 def load_eval_windows(source: ElasticSource, options: EvalOptions, seq_len: int) -> torch.Tensor:
@@ -53,9 +53,7 @@ def load_eval_windows(source: ElasticSource, options: EvalOptions, seq_len: int)
     from elastic_cli.quantize.calib_data import load_texts, load_tokenizer
 
     path = Path(options.data)
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "not found"
-        raise UsageError(f"evaluation data {path} {problem}", _FIX)
+    check_eval_file(path)
     tokenizer = load_tokenizer(source.checkpoint.root)
     try:
         texts = load_texts(path, tokenizer)

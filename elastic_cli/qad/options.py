@@ -211,6 +211,16 @@ def check_eval_options(options: EvalOptions) -> None:
         raise UsageError("--eval-seq-len is 1, so no window has a token to predict", "use at least 2 tokens")
 
 
+EVAL_DATA_FIX = "pass --eval-data a UTF-8 .txt file (documents separated by blank lines), or .jsonl lines with 'text' or 'messages'"
+
+
+def check_eval_file(path: Path) -> None:
+    """Raise :class:`UsageError` unless the evaluation data is an existing file."""
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "not found"
+        raise UsageError(f"evaluation data {path} {problem}", EVAL_DATA_FIX)
+
+
 def row_label(row: str) -> str:
     """Return a row's display name: ``nvfp4_qad`` becomes ``NVFP4 QAD``."""
     return row.replace("_", " ").upper()
