@@ -244,10 +244,10 @@ def build_eval_options(
             without ``--eval-data``.
     """
     if data is None:
-        given = {"--eval-seq-len": seq_len is not None, "--eval-windows": max_windows != DEFAULT_MAX_WINDOWS,
+        explicit = {"--eval-seq-len": seq_len is not None, "--eval-windows": max_windows != DEFAULT_MAX_WINDOWS,
                  "--eval-batch-size": batch_size is not None}
-        for name, is_given in given.items():
-            if is_given:
+        for name, is_set in explicit.items():
+            if is_set:
                 raise UsageError(f"{name} is only valid with --eval-data", f"add --qad --eval-data FILE, or remove {name}")
         return None
     if not qad:
