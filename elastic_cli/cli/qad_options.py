@@ -245,7 +245,7 @@ def build_eval_options(
     """
     if data is None:
         explicit = {"--eval-seq-len": seq_len is not None, "--eval-windows": max_windows != DEFAULT_MAX_WINDOWS,
-                 "--eval-batch-size": batch_size is not None}
+                    "--eval-batch-size": batch_size is not None}
         for name, is_set in explicit.items():
             if is_set:
                 raise UsageError(f"{name} is only valid with --eval-data", f"add --qad --eval-data FILE, or remove {name}")
