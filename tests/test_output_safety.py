@@ -163,3 +163,15 @@ def test_output_that_is_a_file_named_before_overwrite(invoke_cli, elastic_checkp
 
     assert_one_error(result, "exists and is not a folder")
     assert output.read_text() == "data\n"
+
+
+def test_file_system_without_locks_still_writes(tmp_path, monkeypatch):
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(resume.fcntl, "flock", no_locks)
+    output = tmp_path / "out"
+    with resumable_folder(output, False, "d" * 64) as journal:
+        (journal.folder / "config.json").write_text("{}\n")
+
+    assert (output / "config.json").read_text() == "{}\n"

@@ -200,6 +200,11 @@ def _lock_folder(folder: Path, output: Path) -> int:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
+        if error.errno in _NO_LOCKS:
+            # NOTE: some network and FUSE file systems have no locks; there, concurrent runs on
+            # one output are not detected.
+            log.debug("no lock on %s: %s", folder, error.strerror)
+            return descriptor
         os.close(descriptor)
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise OutputError(
@@ -207,3 +212,7 @@ def _lock_folder(folder: Path, output: Path) -> int:
             ) from None
         raise output_error(folder, error) from error
     return descriptor
+
+
+# flock errors of file systems that do not support locks at all
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
