@@ -117,6 +117,7 @@ def invoke_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
         logger = logging.getLogger("elastic_cli")
         saved_logger = (list(logger.handlers), logger.level, logger.propagate)
         saved_sigterm = signal.getsignal(signal.SIGTERM)
+        saved_sigint = signal.getsignal(signal.SIGINT)
         stdout, stderr = io.StringIO(), io.StringIO()
         exit_code = 0
         try:
@@ -130,6 +131,7 @@ def invoke_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
                     exit_code = 1
         finally:
             signal.signal(signal.SIGTERM, saved_sigterm)
+            signal.signal(signal.SIGINT, saved_sigint)
             logger.handlers[:] = saved_logger[0]
             logger.setLevel(saved_logger[1])
             logger.propagate = saved_logger[2]

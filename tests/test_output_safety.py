@@ -15,7 +15,7 @@ import pytest
 from elastic_cli import cli
 from elastic_cli.checkpoint import resume
 from elastic_cli.checkpoint.resume import commit_started, resumable_folder
-from elastic_cli.checkpoint.writer import ShardedWriter, WritePipeline, plan_shards
+from elastic_cli.checkpoint.writer import ShardedWriter, WritePipeline, output_error, plan_shards
 from elastic_cli.errors import OutputError
 from tests.conftest import REPO_ROOT
 from tests.test_bad_inputs import assert_one_error
@@ -175,3 +175,36 @@ def test_file_system_without_locks_still_writes(tmp_path, monkeypatch):
         (journal.folder / "config.json").write_text("{}\n")
 
     assert (output / "config.json").read_text() == "{}\n"
+
+
+SIGNALS_AFTER_MAIN = """
+import signal, sys
+from elastic_cli import cli
+sys.argv = ["elastic", "-q", "inspect", sys.argv[1], "--json"]
+cli.main()
+print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+"""
+
+
+def test_signals_ignored_after_successful_command(elastic_checkpoint):
+    """At exit Python restores the default action of handled signals, which a late Ctrl-C would hit."""
+    completed = subprocess.run(
+        [sys.executable, "-c", SIGNALS_AFTER_MAIN, str(elastic_checkpoint)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert completed.stdout.splitlines()[-1] == "True True"
+
+
+def test_output_name_too_long_is_one_error(invoke_cli, elastic_checkpoint, tmp_path):
+    result = invoke_cli("slice", elastic_checkpoint, "--budget", "small", "--output", tmp_path / ("n" * 256))
+
+    assert_one_error(result, "cannot use output", "File name too long")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_hint_names_kept_shards(tmp_path):
+    work = tmp_path / ".out.resume-0123456789abcdef"
+    error = output_error(work / "small" / "model-00002-of-00003.safetensors", OSError(errno.ENOSPC, "No space left on device"))
+
+    assert error.message == f"no space left on the device while writing {tmp_path / 'out' / 'small' / 'model-00002-of-00003.safetensors'}"
+    assert f"shards already finished stay in {work}" in error.hint

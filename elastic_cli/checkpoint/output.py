@@ -53,6 +53,10 @@ def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = 
             f"--output {output} is the current folder or contains it",
             "choose a new folder, such as --output ./child",
         )
+    try:
+        output.exists()
+    except OSError as error:  # such as a name longer than the file system allows
+        raise OutputError(f"cannot use output {output}: {error.strerror or error}", "choose another --output") from error
     if output.exists() and not output.is_dir():
         raise OutputError(f"output {output} exists and is not a folder", "choose another --output")
     if output.exists() and not overwrite:

@@ -526,15 +526,21 @@ def output_error(path: Path, error: OSError) -> OutputError:
     """Describe a failed write: the path, the reason and what to do.
 
     A path inside a run's hidden work folder (``.NAME.resume-KEY``) is reported at its final
-    place, ``NAME``, because the work folder is renamed or removed before the user reads it.
+    place, ``NAME``, because the work folder is renamed, or removed unless it keeps finished
+    shards, before the user reads it.
     """
     parts = list(path.parts)
+    work = None
     for index, part in enumerate(parts):
         if part.startswith(".") and ".resume-" in part:
+            work = Path(*parts[: index + 1])
             parts[index] = part[1 : part.index(".resume-")]
     path = Path(*parts)
     if error.errno == errno.ENOSPC:
-        return OutputError(f"no space left on the device while writing {path}", "free space or choose another --output")
+        hint = "free space or choose another --output"
+        if work is not None:
+            hint += f"; shards already finished stay in {work} for the next run, which reuses them (delete it to free their space)"
+        return OutputError(f"no space left on the device while writing {path}", hint)
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OutputError(f"cannot write {path}: {error.strerror}", "choose a writable --output folder")
     return OutputError(f"writing {path} failed: {error.strerror or error}", "check the output folder")

@@ -70,6 +70,17 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise _Interrupted()
 
 
+def _ignore_late_signals() -> None:
+    """Ignore SIGINT and SIGTERM once the command has done its work.
+
+    At exit Python puts the default action back for signals that have Python handlers, so a
+    signal in the last milliseconds would otherwise kill the process and hide its exit code.
+    Python leaves ignored signals ignored.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main() -> None:
     """Run the command line; expected failures print one ``Error:`` line and exit non-zero."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -77,6 +88,7 @@ def main() -> None:
     configure_logging(0, False)
     try:
         result = app(standalone_mode=False)
+        _ignore_late_signals()
         # Without standalone mode, click returns the code of a raised typer.Exit instead of exiting.
         if isinstance(result, int) and result:
             sys.exit(result)
