@@ -636,7 +636,7 @@ def test_masks_unknown_budget_key(slice_fails, copy_checkpoint):
 
     line = slice_fails(copy_checkpoint, MASKS, "'small'", "unknown key 'mask'", BUDGET_KEYS_IN_MASKS)
 
-    assert "(and 1 more)" in line, f"the missing 'masks' key is not counted: {line}"
+    assert "(and 1 more problem)" in line, f"the missing 'masks' key is not counted: {line}"
 
 
 def test_masks_budget_without_masks(slice_fails, copy_checkpoint):
@@ -667,3 +667,20 @@ def test_budget_spec_single_expert_routing_groups(slice_fails, unmasked_checkpoi
         unmasked_checkpoint, "'small'", f"layer {MOE_LAYER}", "'experts'", "1 expert(s) per routing group",
         extra=("--budget-spec", spec),
     )
+
+
+def test_masks_misspelt_budgets_key_named(slice_fails, copy_checkpoint):
+    edit_json(copy_checkpoint / MASKS, lambda document: document.__setitem__("budget", document.pop("budgets")))
+
+    slice_fails(copy_checkpoint, MASKS, "unknown key 'budget'", "(and 1 more problem)")
+
+
+def test_unsliceable_spec_hint_names_spec(invoke_cli, unmasked_checkpoint, tmp_path):
+    set_json_value(unmasked_checkpoint / "config.json", ("n_group",), 2)
+    set_json_value(unmasked_checkpoint / "config.json", ("topk_group",), 1)
+    spec = write_spec(unmasked_checkpoint, {"budgets": [{"name": "full", "keep": {}}, {"name": "small", "keep": {"experts": 2}}]})
+
+    result = invoke_cli("slice", unmasked_checkpoint, "--budget", "small", "--budget-spec", spec, "--output", tmp_path / "out")
+
+    assert_one_error(result, "'small'")
+    assert f"elastic inspect {unmasked_checkpoint} --budget-spec {spec}" in result.stderr

@@ -143,7 +143,7 @@ class MaskFormatError(MaskError):
 
     def __init__(self, problems: list[MaskProblem], source: str) -> None:
         first = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         super().__init__(f"{source}: {first}{more}", f"fix {source}; `elastic inspect` lists every problem")
         self.problems = problems
 
@@ -166,6 +166,19 @@ def _decode_mask(value: Any, length: int, where: tuple[str, int | None, str], pr
 def encode_mask(mask: Mask) -> str:
     """Write a keep-mask as a string of ``0``/``1`` characters."""
     return "".join("1" if keep else "0" for keep in mask)
+
+
+def _check_budget_list(document: Any, allowed: frozenset[str], source: str) -> None:
+    """Raise :class:`MaskFormatError` unless ``document`` has a non-empty ``budgets`` list.
+
+    Unknown top-level keys are reported first, so that a misspelt ``budgets`` is named.
+    """
+    if isinstance(document, dict) and isinstance(document.get("budgets"), list) and document["budgets"]:
+        return
+    problems: list[MaskProblem] = []
+    if isinstance(document, dict):
+        _unknown_keys(document, allowed, (WHOLE_FILE, None), problems)
+    raise MaskFormatError([*problems, MaskProblem(WHOLE_FILE, None, None, NOT_A_BUDGET_LIST)], source)
 
 
 def _unknown_keys(
@@ -215,8 +228,7 @@ def parse_masks(document: Any, arch: NemotronHArch, source: str = MASKS_FILE) ->
             layers, a budget without ``masks``).
     """
     problems: list[MaskProblem] = []
-    if not isinstance(document, dict) or not isinstance(document.get("budgets"), list) or not document["budgets"]:
-        raise MaskFormatError([MaskProblem(WHOLE_FILE, None, None, NOT_A_BUDGET_LIST)], source)
+    _check_budget_list(document, MASKS_DOCUMENT_KEYS, source)
     version = document.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         message = f"format_version {version!r} is not supported (this elastic reads {FORMAT_VERSION})"
@@ -373,8 +385,7 @@ def parse_budget_spec(document: Any, arch: NemotronHArch, source: str) -> list[B
         MaskFormatError: With every problem found.
     """
     problems: list[MaskProblem] = []
-    if not isinstance(document, dict) or not isinstance(document.get("budgets"), list) or not document["budgets"]:
-        raise MaskFormatError([MaskProblem(WHOLE_FILE, None, None, NOT_A_BUDGET_LIST)], source)
+    _check_budget_list(document, SPEC_DOCUMENT_KEYS, source)
 
     _unknown_keys(document, SPEC_DOCUMENT_KEYS, (WHOLE_FILE, None), problems)
     return _parse_budgets(document, source, "keep", "an object of axis counts", problems, _spec_budget, arch)

@@ -67,7 +67,7 @@ def plan_budgets(source: ElasticSource, names: list[str]) -> list[SlicePlan]:
         CheckpointError: If the tensors do not match the config.
     """
     budgets = source.select(names)
-    check_sliceable(source.problems, source.origin.name)
+    check_sliceable(source.problems, source.inspect_target)
     plans = [build_plan(source.arch, source.checkpoint.config, source.checkpoint.tensors, budget) for budget in budgets]
     for plan in plans:
         _warn_unaligned_experts(plan)

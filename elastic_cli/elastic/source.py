@@ -35,6 +35,14 @@ class ElasticSource:
     budgets_from: str
     problems: list[MaskProblem]
 
+    @property
+    def inspect_target(self) -> str:
+        """Return the arguments of ``elastic inspect`` that show this checkpoint's budgets."""
+        target = str(self.origin.path) if self.origin.revision is None else self.origin.name
+        if Path(self.budgets_from).is_file():
+            target += f" --budget-spec {self.budgets_from}"
+        return target
+
     def budget(self, name: str) -> Budget:
         """Return a budget by name.
 
@@ -47,7 +55,7 @@ class ElasticSource:
         offered = ", ".join(budget.name for budget in self.budgets)
         raise MaskError(
             f"budget '{name}' not found; this checkpoint offers {offered}",
-            f"see `elastic inspect {self.origin.name}`",
+            f"see `elastic inspect {self.inspect_target}`",
         )
 
     def select(self, names: list[str]) -> list[Budget]:

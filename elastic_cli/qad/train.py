@@ -157,7 +157,7 @@ class QADTrainer:
 
         budgets = source.budgets or [_full_budget(source)]
         if source.budgets:
-            check_sliceable(source.problems, source.origin.name)
+            check_sliceable(source.problems, source.inspect_target)
         tensors = source.checkpoint.tensors
         self.plans = [build_plan(source.arch, source.checkpoint.config, tensors, budget) for budget in budgets]
         self.probabilities = budget_probabilities(self.plans, options.budget_probabilities)

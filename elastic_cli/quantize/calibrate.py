@@ -171,7 +171,7 @@ def calibrate(
     elif not budgets:
         raise ValueError("budgets is empty; pass None to calibrate the full model")
     else:
-        check_sliceable(source.problems, source.origin.name)
+        check_sliceable(source.problems, source.inspect_target)
     unknown = sorted(modules - calibratable_modules(arch))
     if unknown:
         raise ValueError(

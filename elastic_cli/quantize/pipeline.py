@@ -109,7 +109,7 @@ def plan_for(source: ElasticSource, options: QuantizeOptions) -> QuantPlan:
     """Check the input and decide every module's format, from headers alone."""
     reject_quantized(source)
     if source.problems:
-        check_sliceable(source.problems, source.origin.name)
+        check_sliceable(source.problems, source.inspect_target)
     return plan_quantization(
         source.arch,
         source.checkpoint.tensors,
