@@ -684,3 +684,15 @@ def test_unsliceable_spec_hint_names_spec(invoke_cli, unmasked_checkpoint, tmp_p
 
     assert_one_error(result, "'small'")
     assert f"elastic inspect {unmasked_checkpoint} --budget-spec {spec}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("axis", "message"),
+    [("expert_channel", "unknown axis 'expert_channel'"), ("attention_heads", "axis does not apply to a moe layer")],
+    ids=["misspelt", "other-layer-kind"],
+)
+def test_budget_spec_per_layer_axis_named(slice_fails, unmasked_checkpoint, axis, message):
+    small = {"name": "small", "keep": {"per_layer": {str(MOE_LAYER): {axis: 1}}}}
+    spec = write_spec(unmasked_checkpoint, {"budgets": [{"name": "full", "keep": {}}, small]})
+
+    slice_fails(unmasked_checkpoint, "'small'", message, extra=("--budget-spec", spec))

@@ -181,6 +181,13 @@ def _check_budget_list(document: Any, allowed: frozenset[str], source: str) -> N
     raise MaskFormatError([*problems, MaskProblem(WHOLE_FILE, None, None, NOT_A_BUDGET_LIST)], source)
 
 
+def _wrong_layer_axis(key: str, kind: Any, allowed: list[str]) -> str:
+    """Describe a per-layer axis key that the layer does not take: unknown, or of another layer kind."""
+    if key in {axis.value for axis in Axis}:
+        return f"axis does not apply to a {kind.value} layer; expected one of {allowed}"
+    return f"unknown axis {key!r}; a {kind.value} layer takes {allowed}"
+
+
 def _unknown_keys(
     mapping: dict, allowed: frozenset[str], where: tuple[str, int | None], problems: list[MaskProblem]
 ) -> None:
@@ -300,9 +307,7 @@ def _parse_budget_masks(
         for axis_name, value in axes.items():
             axis = allowed.get(axis_name)
             if axis is None:
-                problems.append(
-                    MaskProblem(name, layer, axis_name, f"axis does not apply to a {kind.value} layer; expected one of {sorted(allowed)}")
-                )
+                problems.append(MaskProblem(name, layer, axis_name, _wrong_layer_axis(axis_name, kind, sorted(allowed))))
                 continue
             layer_masks[layer][axis] = _decode_mask(value, axis_length(arch, axis), (name, layer, axis_name), problems)
 
@@ -418,8 +423,7 @@ def _spec_budget(
         allowed = sorted(axis.value for axis in LAYER_AXES[kind])
         for key in override:
             if key not in allowed:
-                message = f"axis does not apply to a {kind.value} layer; expected one of {allowed}"
-                problems.append(MaskProblem(name, layer, key, message))
+                problems.append(MaskProblem(name, layer, key, _wrong_layer_axis(key, kind, allowed)))
         masks = []
         for axis in LAYER_AXES[kind]:
             length = axis_length(arch, axis)
