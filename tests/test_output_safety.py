@@ -155,7 +155,7 @@ def test_long_output_name_accepted(invoke_cli, elastic_checkpoint, tmp_path):
     assert (output / "config.json").is_file()
 
 
-def test_output_that_is_a_file_named_before_overwrite(invoke_cli, elastic_checkpoint, tmp_path):
+def test_existing_file_output_not_folder(invoke_cli, elastic_checkpoint, tmp_path):
     output = tmp_path / "afile"
     output.write_text("data\n")
 

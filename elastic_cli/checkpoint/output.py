@@ -54,12 +54,12 @@ def check_destination(output: Path, overwrite: bool, inputs: tuple[Path, ...] = 
             "choose a new folder, such as --output ./child",
         )
     try:
-        output.exists()
+        exists = output.exists()
     except OSError as error:  # such as a name longer than the file system allows
         raise OutputError(f"cannot use output {output}: {error.strerror or error}", "choose another --output") from error
-    if output.exists() and not output.is_dir():
+    if exists and not output.is_dir():
         raise OutputError(f"output {output} exists and is not a folder", "choose another --output")
-    if output.exists() and not overwrite:
+    if exists and not overwrite:
         raise OutputError(f"output {output} already exists", "pass --overwrite to replace it, or choose another --output")
     parent = output.parent
     blocker = next((p for p in [parent, *parent.parents] if p.exists() and not p.is_dir()), None)

@@ -191,7 +191,7 @@ def _lock_folder(folder: Path, output: Path) -> int:
     """Take an exclusive lock on a work folder and return its descriptor, held until closed.
 
     Raises:
-        OutputError: If another process holds the lock: it is writing the same output.
+        OutputError: If another process holds the lock, because it is writing the same output.
     """
     try:
         descriptor = os.open(folder, os.O_RDONLY)
@@ -201,8 +201,8 @@ def _lock_folder(folder: Path, output: Path) -> int:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         if error.errno in _NO_LOCKS:
-            # NOTE: some network and FUSE file systems have no locks; there, concurrent runs on
-            # one output are not detected.
+            # NOTE: some network and FUSE file systems have no locks, so concurrent runs on one
+            # output are not detected there.
             log.debug("no lock on %s: %s", folder, error.strerror)
             return descriptor
         os.close(descriptor)

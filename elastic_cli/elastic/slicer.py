@@ -241,9 +241,9 @@ def _stream(source: ElasticSource, plans: list[SlicePlan], writers: list[Sharded
 
 
 def _blocks_of(array: np.ndarray, block_bytes: int) -> Iterator[memoryview]:
-    """Yield a contiguous array's bytes in pieces of about ``block_bytes``, without copying."""
+    """Yield a contiguous array's bytes in pieces of ``block_bytes`` (the last may be shorter), without copying."""
     data = memoryview(array).cast("B") if array.size else memoryview(b"")
-    for start in range(0, max(data.nbytes, 1), block_bytes):
+    for start in range(0, data.nbytes, block_bytes):
         yield data[start : start + block_bytes]
 
 
