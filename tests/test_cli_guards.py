@@ -172,3 +172,12 @@ def test_numpy_starts_no_blas_threads():
         [sys.executable, "-c", COUNT_THREADS_AFTER_NUMPY], capture_output=True, text=True, env=environment, timeout=120, check=True
     )
     assert completed.stdout.split() == ["1", "None"]
+
+
+def test_slice_imports_no_heavy_module(elastic_checkpoint, run_cli, tmp_path):
+    """Every command pays its imports at start, so slicing must not load torch, transformers or pydantic."""
+    result = run_cli("-q", "slice", elastic_checkpoint, "--budget", "all", "-o", tmp_path / "out", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert result.exit_code == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "numpy" in imported  # the import report is read correctly
+    assert not imported & {"torch", "transformers", "pydantic"}
