@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from elastic_cli.checkpoint import writer as writer_module
 from elastic_cli.checkpoint.writer import BufferRing, ShardedWriter, WritePipeline, plan_shards
 from elastic_cli.errors import OutputError
 
@@ -172,3 +174,53 @@ def test_parts_of_wrong_size_rejected(tmp_path, parts):
     with pytest.raises(OutputError, match=r"tensor 'a' I16\[4\] came with \d+ bytes instead of 8"):
         with ShardedWriter(tmp_path, layout) as writer:
             writer.write_parts("a", "I16", (4,), parts)
+
+
+@pytest.mark.skipif(writer_module._START_WRITEBACK is None, reason="flushes during writing run on Linux only")
+def test_shards_flushed_while_written(tmp_path, monkeypatch):
+    """Each shard is flushed to disk while later bytes are still written, and the bytes are unchanged."""
+    flushed: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(descriptor: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fdatasync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    monkeypatch.setattr(writer_module, "_WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(writer_module, "_FLUSH_BYTES", 2000)
+    rng = np.random.default_rng(5)
+    arrays = {f"t{index}": rng.integers(-30000, 30000, size=(40, 30)).astype(np.int16) for index in range(6)}
+
+    inline = write_all(tmp_path / "inline", arrays, None)
+    with WritePipeline() as pipeline:
+        threaded = write_all(tmp_path / "threaded", arrays, pipeline)
+
+    assert threaded == inline
+    assert {Path(path).name for path in flushed} == set(threaded)
+    assert not lane_threads(), "the flush thread outlived the pipeline"
+
+
+def test_flusher_skips_missing_files_and_stops(tmp_path, monkeypatch):
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_fdatasync(descriptor: int) -> None:
+        started.set()
+        release.wait(10)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    present = tmp_path / "present.bin"
+    present.write_bytes(b"data")
+    flusher = writer_module._Flusher()
+    flusher.request(tmp_path / "missing.bin")
+    flusher.request(present)
+    assert started.wait(10), "the flush of the present file never started"
+
+    flusher.request(present)  # waits behind the running flush and is dropped by stop()
+    stopper = threading.Thread(target=flusher.stop)
+    stopper.start()
+    release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert not lane_threads()

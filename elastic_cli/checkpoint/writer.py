@@ -87,8 +87,9 @@ class WritePipeline:
     The caller goes on preparing the next tensor while earlier ones are hashed (SHA-256, for the
     manifest) and written, so reading, cutting, hashing and writing overlap. Data waiting in
     the pipeline is bounded by ``max_pending_bytes``; one larger item is always admitted alone.
-    After each write the kernel is asked to start writing the new pages to disk, so the
-    ``fsync`` that closes a shard finds little left to do.
+    After each write the kernel is asked to start writing the new pages to disk, and a third
+    thread flushes each shard to stable storage every ``_FLUSH_BYTES`` (see :class:`_Flusher`),
+    so the ``fsync`` that closes a shard finds little left to do.
 
     Use as a context manager around every writer that shares it. Leaving it waits until the
     queued work is done, after an exception too, so that no thread touches the output folder
@@ -107,11 +108,14 @@ class WritePipeline:
         self._acks: queue.SimpleQueue = queue.SimpleQueue()  # (lane index, bytes or marker)
         self._error: BaseException | None = None
         self._lanes: list[_Lane] = []
+        self.flusher: _Flusher | None = None
         if threads:
             _share_malloc_arena()
             previous = threading.stack_size(_THREAD_STACK_BYTES)
             try:
                 self._lanes = [_Lane(self, 0, "hash"), _Lane(self, 1, "write")]
+                if _START_WRITEBACK is not None:
+                    self.flusher = _Flusher()
             finally:
                 threading.stack_size(previous)
 
@@ -122,6 +126,9 @@ class WritePipeline:
         for lane in self._lanes:
             lane.stop()
         self._lanes = []
+        if self.flusher is not None:
+            self.flusher.stop()
+            self.flusher = None
         if exc[0] is None:
             self.check()
 
@@ -281,6 +288,61 @@ class _Lane:
             self._pipeline._acks.put((self._index, ack))
 
 
+class _Flusher:
+    """A daemon thread that makes written shard data durable while later data is still produced.
+
+    Without it, the ``fsync`` that closes a shard waits at the end while the disk persists the
+    whole shard. On a virtual disk with a write-back cache, that took 0.9 s for a 1.07 GB shard
+    whose data had already left the page cache. Requests that arrive while a flush runs are
+    merged, one per file.
+
+    Each flush opens the file anew, so it reads its own error state: Linux reports a writeback
+    error to every open file description once, so the ``fsync`` on the writer's descriptor
+    still sees an error that a flush met. Errors are therefore ignored here.
+    """
+
+    def __init__(self) -> None:
+        self._wanted: dict[Path, None] = {}  # files to flush, in request order
+        self._stopping = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._work, name="elastic-flush", daemon=True)
+        self._thread.start()
+
+    def request(self, path: Path) -> None:
+        """Ask for ``path``'s written data to be flushed to stable storage soon; return at once."""
+        with self._condition:
+            self._wanted[path] = None
+            self._condition.notify()
+
+    def stop(self) -> None:
+        """Drop the waiting requests and wait for a running flush to end."""
+        with self._condition:
+            self._stopping = True
+            self._wanted.clear()
+            self._condition.notify()
+        self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                while not self._wanted and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                path = next(iter(self._wanted))
+                del self._wanted[path]
+            try:
+                descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue  # the file was discarded
+            try:
+                os.fdatasync(descriptor)
+            except OSError:
+                pass  # the fsync on the writer's own descriptor reports this error
+            finally:
+                os.close(descriptor)
+
+
 class ShardedWriter:
     """Write the tensors of a :class:`ShardLayout` into a folder, strictly in layout order.
 
@@ -312,6 +374,7 @@ class ShardedWriter:
         self._handle: BinaryIO | None = None  # used by the pipeline's write thread only
         self._written = 0
         self._kicked = 0
+        self._flushed = 0
         # shard file -> (sha256, size), filled as shards close (or from the journal when reused)
         self.digests: dict[str, tuple[str, int]] = {file: journal.done[prefix + file] for file in self._done}
 
@@ -437,6 +500,7 @@ class ShardedWriter:
             raise output_error(path, error) from error
         self._written = len(header)
         self._kicked = 0  # bytes whose writeback has been started
+        self._flushed = 0  # bytes up to the last flush request
 
     def _write(self, file: str, data: memoryview) -> None:
         assert self._handle is not None
@@ -456,6 +520,10 @@ class ShardedWriter:
             self._handle.flush()
             os.posix_fadvise(self._handle.fileno(), self._kicked, self._written - self._kicked, _START_WRITEBACK)
             self._kicked = self._written
+            flusher = self._pipeline.flusher
+            if flusher is not None and self._written - self._flushed >= _FLUSH_BYTES:
+                flusher.request(self.folder / file)
+                self._flushed = self._written
 
     def _fsync_and_close(self, file: str) -> None:
         assert self._handle is not None
@@ -482,11 +550,14 @@ class ShardedWriter:
 
 
 # POSIX_FADV_DONTNEED on freshly written pages starts their writeback on Linux without waiting
-# for it. Other systems skip the advice; fsync still writes everything. The advice is given for
-# every 4 MiB written: in a 4.13 GB slice, 4 MiB beat 32 MiB and no advice at all by about 4%
-# and 9% of the wall time (five alternating runs each).
+# for it. Other systems skip the advice and the flushes; fsync still writes everything. The advice
+# is given for every 4 MiB written: in a 4.13 GB slice, 4 MiB beat 32 MiB and no advice at all by
+# about 4% and 9% of the wall time (five alternating runs each). A flush every 64 MiB took the
+# 1.07 GB slice of that checkpoint from 2.41-2.70 s to 1.79-2.09 s (four alternating runs), and
+# left the 7.43 GB slice of all its budgets unchanged.
 _START_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
 _WRITEBACK_BYTES = 4 * 1024 * 1024
+_FLUSH_BYTES = 64 * 1024 * 1024
 
 
 def _nothing() -> None:
