@@ -176,36 +176,51 @@ def test_parts_of_wrong_size_rejected(tmp_path, parts):
             writer.write_parts("a", "I16", (4,), parts)
 
 
+class RecordingFlusher:
+    """A stand-in for the flush thread that records the writer's requests."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def request(self, path: Path) -> None:
+        self.calls.append(("request", path.name))
+
+    def forget(self, path: Path) -> None:
+        self.calls.append(("forget", path.name))
+
+    def stop(self) -> None:
+        pass
+
+
 @pytest.mark.skipif(writer_module._START_WRITEBACK is None, reason="flushes during writing run on Linux only")
-def test_shards_flushed_while_written(tmp_path, monkeypatch):
-    """Each shard is flushed to disk while later bytes are still written, and the bytes are unchanged."""
-    flushed: list[str] = []
-    real_fdatasync = os.fdatasync
-
-    def counting_fdatasync(descriptor: int) -> None:
-        flushed.append(os.readlink(f"/proc/self/fd/{descriptor}"))
-        real_fdatasync(descriptor)
-
-    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+def test_shard_flushes_requested_while_written(tmp_path, monkeypatch):
+    """Each shard gets a flush request while it is written and loses it before its own fsync; the bytes are unchanged."""
     monkeypatch.setattr(writer_module, "_WRITEBACK_BYTES", 1000)
     monkeypatch.setattr(writer_module, "_FLUSH_BYTES", 2000)
     rng = np.random.default_rng(5)
     arrays = {f"t{index}": rng.integers(-30000, 30000, size=(40, 30)).astype(np.int16) for index in range(6)}
 
     inline = write_all(tmp_path / "inline", arrays, None)
+    flusher = RecordingFlusher()
     with WritePipeline() as pipeline:
+        pipeline.flusher.stop()  # the real flush thread, replaced by the recorder
+        pipeline.flusher = flusher
         threaded = write_all(tmp_path / "threaded", arrays, pipeline)
 
     assert threaded == inline
-    assert {Path(path).name for path in flushed} == set(threaded)
-    assert not lane_threads(), "the flush thread outlived the pipeline"
+    expected = [(call, file) for file in sorted(threaded) for call in ("request", "forget")]
+    assert flusher.calls == expected
+    assert not lane_threads(), "the pipeline's threads outlived it"
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names flushed files through /proc")
 def test_flusher_skips_missing_files_and_stops(tmp_path, monkeypatch):
     started = threading.Event()
     release = threading.Event()
+    flushed: list[str] = []
 
     def slow_fdatasync(descriptor: int) -> None:
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")).name)
         started.set()
         release.wait(10)
 
@@ -217,6 +232,10 @@ def test_flusher_skips_missing_files_and_stops(tmp_path, monkeypatch):
     flusher.request(present)
     assert started.wait(10), "the flush of the present file never started"
 
+    forgotten = tmp_path / "forgotten.bin"
+    forgotten.write_bytes(b"data")
+    flusher.request(forgotten)
+    flusher.forget(forgotten)
     flusher.request(present)  # waits behind the running flush and is dropped by stop()
     stopper = threading.Thread(target=flusher.stop)
     stopper.start()
@@ -224,3 +243,4 @@ def test_flusher_skips_missing_files_and_stops(tmp_path, monkeypatch):
     stopper.join(10)
     assert not stopper.is_alive()
     assert not lane_threads()
+    assert flushed == ["present.bin"]

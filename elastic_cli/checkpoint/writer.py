@@ -296,9 +296,10 @@ class _Flusher:
     whose data had already left the page cache. Requests that arrive while a flush runs are
     merged, one per file.
 
-    Each flush opens the file anew, so it reads its own error state: Linux reports a writeback
-    error to every open file description once, so the ``fsync`` on the writer's descriptor
-    still sees an error that a flush met. Errors are therefore ignored here.
+    Each flush opens the file anew, on a file description of its own. Since Linux 4.13 every
+    open file description keeps its own cursor into a file's writeback errors (``errseq_t``),
+    so an error that a flush reports is reported again by the ``fsync`` on the writer's
+    descriptor. Errors are therefore ignored here.
     """
 
     def __init__(self) -> None:
@@ -313,6 +314,11 @@ class _Flusher:
         with self._condition:
             self._wanted[path] = None
             self._condition.notify()
+
+    def forget(self, path: Path) -> None:
+        """Drop a waiting request for ``path``, whose writer is about to ``fsync`` it itself."""
+        with self._condition:
+            self._wanted.pop(path, None)
 
     def stop(self) -> None:
         """Drop the waiting requests and wait for a running flush to end."""
@@ -527,6 +533,8 @@ class ShardedWriter:
 
     def _fsync_and_close(self, file: str) -> None:
         assert self._handle is not None
+        if self._pipeline.flusher is not None:
+            self._pipeline.flusher.forget(self.folder / file)
         try:
             self._handle.flush()
             os.fsync(self._handle.fileno())
