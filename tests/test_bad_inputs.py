@@ -153,12 +153,24 @@ def test_console_entry_missing_budget(run_cli, elastic_checkpoint, tmp_path):
         pytest.param(("slice", "{ckpt}", "--budget", "small"), id="missing-output"),
         pytest.param(("slice", "{ckpt}", "--budget", "small", "--output", "out", "--bogus"), id="unknown-option"),
         pytest.param(("inspect",), id="missing-checkpoint"),
+        pytest.param(("-q", "-v", "inspect", "{ckpt}"), id="quiet-and-verbose-global"),
+        pytest.param(("slice", "{ckpt}", "--budget", "small", "--output", "out", "-q", "-v"), id="quiet-and-verbose"),
     ],
 )
 def test_usage_errors_exit_2(invoke_cli, elastic_checkpoint, args):
     result = invoke_cli(*(str(arg).replace("{ckpt}", str(elastic_checkpoint)) for arg in args))
 
     assert_one_error(result, exit_code=2)
+
+
+def test_verbose_help_shows_a_flag(invoke_cli):
+    """``-v`` is counted, not given a value, so its help line must not show ``<int>``."""
+    result = invoke_cli("slice", "--help")
+
+    verbose_lines = [line for line in result.stdout.splitlines() if "--verbose" in line]
+    assert result.exit_code == 0
+    assert len(verbose_lines) == 1
+    assert "<int>" not in verbose_lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

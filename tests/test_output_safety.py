@@ -14,7 +14,7 @@ import pytest
 
 from elastic_cli import cli
 from elastic_cli.checkpoint import resume
-from elastic_cli.checkpoint.resume import commit_started, resumable_folder
+from elastic_cli.checkpoint.resume import Journal, commit_started, resumable_folder
 from elastic_cli.checkpoint.writer import ShardedWriter, WritePipeline, output_error, plan_shards
 from elastic_cli.errors import OutputError
 from tests.conftest import REPO_ROOT
@@ -204,7 +204,19 @@ def test_output_name_too_long_is_one_error(invoke_cli, elastic_checkpoint, tmp_p
 
 def test_disk_full_hint_names_kept_shards(tmp_path):
     work = tmp_path / ".out.resume-0123456789abcdef"
+    journal = Journal(work, "key")
+    work.mkdir()
+    journal.record("small/model-00001-of-00003.safetensors", "0" * 64, 100)
     error = output_error(work / "small" / "model-00002-of-00003.safetensors", OSError(errno.ENOSPC, "No space left on device"))
 
     assert error.message == f"no space left on the device while writing {tmp_path / 'out' / 'small' / 'model-00002-of-00003.safetensors'}"
     assert f"shards already finished stay in {work}" in error.hint
+
+
+def test_disk_full_hint_without_finished_shards(tmp_path):
+    """Before any shard is finished, the work folder is removed, so the hint does not name it."""
+    work = tmp_path / ".out.resume-0123456789abcdef"
+    work.mkdir()
+    error = output_error(work / "small" / "model.safetensors", OSError(errno.ENOSPC, "No space left on device"))
+
+    assert error.hint == "free space or choose another --output"

@@ -568,6 +568,17 @@ _WRITEBACK_BYTES = 4 * 1024 * 1024
 _FLUSH_BYTES = 64 * 1024 * 1024
 
 
+def _records_finished_files(work: Path) -> bool:
+    """Return whether the resume journal in ``work`` lists at least one finished file."""
+    from elastic_cli.checkpoint.resume import JOURNAL  # resume imports this module
+
+    try:
+        document = json.loads((work / JOURNAL).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and bool(document.get("done"))
+
+
 def _nothing() -> None:
     pass
 
@@ -606,7 +617,8 @@ def output_error(path: Path, error: OSError) -> OutputError:
 
     A path inside a run's hidden work folder (``.NAME.resume-KEY``) is reported at its final
     place, ``NAME``, because the work folder is renamed, or removed unless it keeps finished
-    shards, before the user reads it.
+    shards, before the user reads it. A full disk's hint names the work folder only when its
+    journal records finished shards.
     """
     parts = list(path.parts)
     work = None
@@ -617,7 +629,7 @@ def output_error(path: Path, error: OSError) -> OutputError:
     path = Path(*parts)
     if error.errno == errno.ENOSPC:
         hint = "free space or choose another --output"
-        if work is not None:
+        if work is not None and _records_finished_files(work):
             hint += f"; shards already finished stay in {work} for the next run, which reuses them (delete it to free their space)"
         return OutputError(f"no space left on the device while writing {path}", hint)
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -43,7 +43,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log per-tensor detail to stderr.")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, metavar="", show_default=False, help="Log per-tensor detail to stderr.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:

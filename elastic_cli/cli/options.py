@@ -30,7 +30,7 @@ BudgetSpec = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan from headers alone; write nothing.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
-Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="Log per-tensor detail to stderr.")]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, metavar="", show_default=False, help="Log per-tensor detail to stderr.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")]
 MaxShardSize = Annotated[
     str,

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from elastic_cli.errors import UsageError
+
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
 
@@ -22,6 +24,8 @@ def configure_logging(verbose: int, quiet: bool, keep_global: bool = False) -> N
     With ``keep_global``, a command's own ``-q``/``-v`` only tighten or widen what the global
     options (given before the command name) already set.
     """
+    if verbose and quiet:
+        raise UsageError("--quiet and --verbose were both given", "pass only one of them")
     root = logging.getLogger("elastic_cli")
     if keep_global and not verbose and not quiet:
         return
