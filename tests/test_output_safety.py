@@ -204,8 +204,8 @@ def test_output_name_too_long_is_one_error(invoke_cli, elastic_checkpoint, tmp_p
 
 def test_disk_full_hint_names_kept_shards(tmp_path):
     work = tmp_path / ".out.resume-0123456789abcdef"
-    journal = Journal(work, "key")
     work.mkdir()
+    journal = Journal(work, "key")
     journal.record("small/model-00001-of-00003.safetensors", "0" * 64, 100)
     error = output_error(work / "small" / "model-00002-of-00003.safetensors", OSError(errno.ENOSPC, "No space left on device"))
 

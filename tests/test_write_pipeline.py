@@ -194,7 +194,7 @@ class RecordingFlusher:
 
 @pytest.mark.skipif(writer_module._START_WRITEBACK is None, reason="flushes during writing run on Linux only")
 def test_shard_flushes_requested_while_written(tmp_path, monkeypatch):
-    """Each shard gets a flush request while it is written and loses it before its own fsync; the bytes are unchanged."""
+    """Each shard gets a flush request while it is written and loses it before its own fsync. The bytes are unchanged."""
     monkeypatch.setattr(writer_module, "_WRITEBACK_BYTES", 1000)
     monkeypatch.setattr(writer_module, "_FLUSH_BYTES", 2000)
     rng = np.random.default_rng(5)

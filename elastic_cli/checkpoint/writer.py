@@ -558,11 +558,11 @@ class ShardedWriter:
 
 
 # POSIX_FADV_DONTNEED on freshly written pages starts their writeback on Linux without waiting
-# for it. Other systems skip the advice and the flushes; fsync still writes everything. The advice
-# is given for every 4 MiB written: in a 4.13 GB slice, 4 MiB beat 32 MiB and no advice at all by
-# about 4% and 9% of the wall time (five alternating runs each). A flush every 64 MiB took the
-# 1.07 GB slice of that checkpoint from 2.41-2.70 s to 1.79-2.09 s (four alternating runs), and
-# left the 7.43 GB slice of all its budgets unchanged.
+# for it. Other systems skip the advice and the flushes, and fsync still writes everything. The
+# advice is given for every 4 MiB written: in a 4.13 GB slice, 4 MiB beat 32 MiB and no advice at
+# all by about 4% and 9% of the wall time (five alternating runs each). A flush every 64 MiB took
+# the 1.07 GB slice of that checkpoint from 2.41-2.70 s to 1.79-2.09 s (four alternating runs),
+# and left the 7.43 GB slice of all its budgets unchanged.
 _START_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
 _WRITEBACK_BYTES = 4 * 1024 * 1024
 _FLUSH_BYTES = 64 * 1024 * 1024

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from elastic_cli import __version__
 from elastic_cli.cli.inspect_cmd import inspect
+from elastic_cli.cli.options import Quiet, Verbose
 from elastic_cli.cli.output import configure_logging, stderr
 from elastic_cli.cli.push_cmd import push
 from elastic_cli.cli.quantize_cmd import quantize
@@ -43,8 +44,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, metavar="", show_default=False, help="Log per-tensor detail to stderr.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     configure_logging(verbose, quiet)
